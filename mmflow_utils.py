@@ -1,0 +1,471 @@
+"""mmflow: attention knockout and logit lens for LLaVA-style models.
+
+The companion to *Cross-modal Information Flow in Multimodal Large Language Models* (Zhang, Yadav, Han,
+Shutova; CVPR 2025). One small module that the notebooks import:
+
+* loading a LLaVA / LLaVA-NeXT checkpoint (hub id, local folder, or the embedded ``shapes-llava``);
+* the paper's prompt and the token groups of an example (image, question, last, options, objects);
+* patch groups: image tokens whose patches overlap the question's objects (``related_patches``) or not;
+* data: the embedded shapes world and the paper's GQA CSVs + image folder, as one :class:`Example` type;
+* attention knockout (``naive`` reference engine and an exact ``fast`` KV-reuse engine) and the logit lens;
+* cached, resumable, shardable sweeps over many examples.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+REPO_DIR = Path(__file__).resolve().parent
+EMBEDDED_MODEL = "shapes-llava"
+EMBEDDED_MODEL_DIR = REPO_DIR / "shapes_world" / "shapes-llava"
+EMBEDDED_DATA = "shapes"
+INSTRUCTION = "Answer the question using a single word or phrase."
+LLAVA15_TEMPLATE = "USER: <image>\n{question}\n" + INSTRUCTION + " ASSISTANT:"
+TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
+
+
+class MmflowError(ValueError):
+    """A clear, user-facing error that names what is wrong and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _model_class(config: Any) -> type:
+    """The conditional-generation class for a config, chosen by the config's structure (not its name)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig
+    from transformers import LlavaNextForConditionalGeneration
+
+    if isinstance(config, LlavaNextConfig):
+        return LlavaNextForConditionalGeneration
+    if isinstance(config, LlavaConfig):
+        return LlavaForConditionalGeneration
+    raise MmflowError(
+        f"Unsupported model class: config {type(config).__name__} (architectures={getattr(config, 'architectures', None)}). "
+        "mmflow supports LLaVA (LlavaForConditionalGeneration) and LLaVA-NeXT (LlavaNextForConditionalGeneration) "
+        "checkpoints in the Hugging Face format, e.g. llava-hf/llava-1.5-7b-hf or llava-hf/llava-v1.6-vicuna-7b-hf."
+    )
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the embedded model's name to its folder; other names (hub ids, folders) pass through."""
+    return str(EMBEDDED_MODEL_DIR) if name_or_path == EMBEDDED_MODEL else str(name_or_path)
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_MODEL,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    local_files_only: bool | None = None,
+) -> tuple[Any, Any]:
+    """Load a LLaVA-family model and its processor by hub id, local folder or ``"shapes-llava"``.
+
+    The model class is chosen from the checkpoint's config structure. Without network (or with
+    ``HF_HUB_OFFLINE=1``) a hub id must already be in the Hugging Face cache; otherwise a :class:`MmflowError`
+    says what is missing and how to get it.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    path = resolve_model_path(name_or_path)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:
+        if isinstance(err, MmflowError):
+            raise
+        raise MmflowError(
+            f"Model '{name_or_path}' is not available: no local folder of that name and not in the Hugging Face "
+            f"cache ({err.__class__.__name__}). Download it where there is network, e.g. "
+            f"`huggingface-cli download {name_or_path}`, or pass the path of a local folder holding the "
+            "checkpoint and its processor. The embedded default model is 'shapes-llava'."
+        ) from err
+    cls = _model_class(config)
+    model = cls.from_pretrained(path, dtype=torch_dtype, local_files_only=local_files_only)
+    model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
+    decoder_layers(model)  # fail early if the language model has no layer-indexed attention
+    return model, processor
+
+
+def text_model(model: Any) -> Any:
+    """The decoder-only language model inside a LLaVA model."""
+    return model.model.language_model
+
+
+def decoder_layers(model: Any) -> Any:
+    """The language model's decoder layers; checks that each attention module knows its layer index."""
+    layers = getattr(text_model(model), "layers", None)
+    if layers is None or not all(hasattr(layer.self_attn, "layer_idx") for layer in layers):
+        raise MmflowError(
+            f"Unsupported language model {type(text_model(model)).__name__}: mmflow needs decoder layers whose "
+            "self-attention has a layer_idx (Llama, Mistral, Qwen2 backbones)."
+        )
+    return layers
+
+
+def num_layers(model: Any) -> int:
+    """Number of decoder layers of the language model."""
+    return len(decoder_layers(model))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt and token groups
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_prompt(processor: Any, question: str) -> str:
+    """The paper's input: the processor's chat template if it has one, else the LLaVA-1.5 form."""
+    text = f"{question}\n{INSTRUCTION}"
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return LLAVA15_TEMPLATE.format(question=question)
+
+
+def find_span(text: str, phrase: str, start: int = 0, end: int | None = None, prefix: bool = False) -> tuple[int, int]:
+    """Character span of the first whole-word occurrence of ``phrase`` in ``text[start:end]`` (case-insensitive).
+
+    With ``prefix`` the match may continue into a longer word (``circle`` matches ``circles``).
+    """
+    tail = r"\w*" if prefix else r"(?!\w)"
+    pattern = re.compile(r"(?<!\w)" + re.escape(phrase.strip()) + tail, re.IGNORECASE)
+    match = pattern.search(text, start, len(text) if end is None else end)
+    if match is None:
+        raise MmflowError(f"'{phrase}' not found in {text[start:end]!r}")
+    return match.span()
+
+
+def tokens_in_span(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> list[int]:
+    """Indices of the tokens whose character offsets overlap ``span`` (zero-width tokens never do)."""
+    lo, hi = span
+    return [i for i, (a, b) in enumerate(offsets) if b > a and a < hi and b > lo]
+
+
+@dataclass
+class Encoded:
+    """A model input for one example with its token groups (positions in the language model's sequence)."""
+
+    inputs: dict[str, torch.Tensor]
+    groups: dict[str, list[int]]
+    prompt: str
+
+    @property
+    def length(self) -> int:
+        """Sequence length of the language model's input."""
+        return int(self.inputs["input_ids"].shape[1])
+
+
+def _expanded_offsets(prompt: str, image_token: str, n_image: int, offsets: torch.Tensor) -> list[tuple[int, int]]:
+    """Token offsets mapped from the processor's image-expanded text back to ``prompt`` coordinates.
+
+    Every image token maps to the span of the single ``image_token`` placeholder in ``prompt``.
+    """
+    first = prompt.find(image_token)
+    run_end = first + len(image_token) * n_image  # end of the expanded image run
+    shift = (n_image - 1) * len(image_token)
+    out = []
+    for a, b in offsets.tolist():
+        if first < 0 or b <= first:
+            out.append((a, b))
+        elif a >= run_end:
+            out.append((a - shift, b - shift))
+        else:
+            out.append((first, first + len(image_token)))
+    return out
+
+
+def encode(
+    processor: Any,
+    image: Image.Image,
+    question: str,
+    options: Sequence[str] = (),
+    objects: Sequence[str] = (),
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Encoded:
+    """Build the model input for one image and question, and locate its token groups.
+
+    Groups: ``image`` (all image-token positions after expansion), ``question`` (the question's own tokens,
+    found through offset mappings), ``last``, ``true_option``/``false_option`` (from ``options``, the true
+    one first) and ``object:<name>`` for each object word.
+    """
+    if not isinstance(image, Image.Image):
+        raise MmflowError(f"Expected a PIL image, got {type(image).__name__}")
+    prompt = build_prompt(processor, question)
+    q_start = prompt.find(question)
+    if not question or q_start < 0:
+        raise MmflowError(f"Question {question!r} not found in the prompt {prompt!r}")
+    q_span = (q_start, q_start + len(question))
+    batch = processor(images=image.convert("RGB"), text=prompt, return_offsets_mapping=True, return_tensors="pt")
+    offsets_t = batch.pop("offset_mapping")[0]
+    ids = batch["input_ids"][0]
+    image_pos = (ids == processor.image_token_id).nonzero().flatten().tolist()
+    offsets = _expanded_offsets(prompt, processor.image_token, len(image_pos), offsets_t)
+    groups: dict[str, list[int]] = {
+        "image": image_pos,
+        "question": tokens_in_span(offsets, q_span),
+        "last": [len(ids) - 1],
+    }
+    for name, option in zip(("true_option", "false_option"), options):
+        try:
+            groups[name] = tokens_in_span(offsets, find_span(prompt, option, *q_span))
+        except MmflowError as err:
+            raise MmflowError(f"Option {option!r} not found in the question {question!r}") from err
+    for obj in objects:
+        with contextlib.suppress(MmflowError):  # GQA object names are not always spelled out in the question
+            groups[f"object:{obj}"] = tokens_in_span(offsets, find_span(prompt, obj, *q_span, prefix=True))
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    if dtype is not None:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return Encoded(inputs=inputs, groups=groups, prompt=prompt)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Patch groups
+# ----------------------------------------------------------------------------------------------------------
+
+RELATED, OTHER, NEITHER = 1.0, 0.0, -1.0
+
+
+def box_mask(size: tuple[int, int], boxes: Iterable[Sequence[float]]) -> Image.Image:
+    """An RGB mask of an image of ``size`` (W, H): boxes ``(x, y, w, h)`` red, everything else green."""
+    mask = Image.new("RGB", size, (0, 255, 0))
+    pixels = np.asarray(mask).copy()
+    for x, y, w, h in boxes:
+        x0, y0 = max(0, math.floor(x)), max(0, math.floor(y))
+        x1, y1 = min(size[0], math.ceil(x + w)), min(size[1], math.ceil(y + h))
+        pixels[y0:y1, x0:x1] = (255, 0, 0)
+    return Image.fromarray(pixels)
+
+
+def _patch_labels(tile: torch.Tensor, patch: int) -> torch.Tensor:
+    """Per ViT patch (row-major) of one processed (3, H, W) mask tile: RELATED if any pixel is red."""
+    red = (tile[0] - tile[1]) > 127
+    h, w = red.shape[0] // patch, red.shape[1] // patch
+    cells = red[: h * patch, : w * patch].reshape(h, patch, w, patch).any(dim=3).any(dim=1)
+    return torch.where(cells.flatten(), RELATED, OTHER)
+
+
+def image_token_labels(model: Any, processor: Any, size: tuple[int, int], boxes: Iterable[Sequence[float]]) -> torch.Tensor:
+    """Label of every image token of an image of ``size`` (W, H): RELATED, OTHER, or NEITHER (CLS, newline).
+
+    The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, with
+    nearest-neighbour resampling and no normalisation) and, for LLaVA-NeXT, the model's own feature packing
+    (unpadding and newline tokens), so the labels line up with the image tokens by construction.
+    """
+    from transformers.image_utils import PILImageResampling
+
+    mask = box_mask(size, boxes)
+    pixels = processor.image_processor(
+        mask, resample=PILImageResampling.NEAREST, do_rescale=False, do_normalize=False, return_tensors="pt"
+    )
+    cfg = model.config
+    patch = cfg.vision_config.patch_size
+    tiles = pixels["pixel_values"][0]
+    if tiles.dim() == 3:
+        tiles = tiles[None]
+    per_tile = torch.stack([_patch_labels(tile, patch) for tile in tiles])  # (n_tiles, patches)
+    strategy = cfg.vision_feature_select_strategy
+    if "image_sizes" in pixels:  # anyres: let the model pack the labels exactly like image features
+        if strategy != "default":
+            raise MmflowError(f"Anyres patch groups need vision_feature_select_strategy='default', not {strategy!r}")
+        packed, _ = model.model.pack_image_features(
+            [per_tile[..., None]], pixels["image_sizes"], strategy, image_newline=torch.tensor([NEITHER])
+        )
+        return packed[0][:, 0]
+    labels = per_tile[0]
+    return torch.cat([torch.tensor([NEITHER]), labels]) if strategy == "full" else labels
+
+
+def patch_groups(
+    model: Any, processor: Any, encoded: Encoded, size: tuple[int, int], boxes: Sequence[Sequence[float]]
+) -> dict[str, list[int]]:
+    """``related_patches`` / ``other_patches``: image-token positions whose patch overlaps any box, or none."""
+    labels = image_token_labels(model, processor, size, boxes)
+    image_pos = encoded.groups["image"]
+    if len(labels) != len(image_pos):
+        raise MmflowError(f"{len(labels)} patch labels for {len(image_pos)} image tokens: processor and model disagree")
+    return {
+        "related_patches": [p for p, lab in zip(image_pos, labels.tolist()) if lab == RELATED],
+        "other_patches": [p for p, lab in zip(image_pos, labels.tolist()) if lab == OTHER],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: one Example type for the embedded shapes world and the paper's GQA CSVs
+# ----------------------------------------------------------------------------------------------------------
+
+#: Which CSV columns name the objects a task's question is about (the paper's choice of boxes).
+OBJECT_PREFIXES = {
+    "ChooseAttr": ("central object",),
+    "ChooseCat": ("central object",),
+    "QueryAttr": ("central object",),
+    "ChooseRel": ("object1", "object2"),
+    "CompareAttr": ("object1", "object2"),
+    "LogicalObj": ("object1", "object2"),
+}
+CHOOSE_TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel")
+
+
+@dataclass
+class Example:
+    """One question about one image, with the boxes of the objects it is about (original-image pixels)."""
+
+    example_id: str
+    task: str
+    question: str
+    answer: str
+    image_size: tuple[int, int]  # (W, H)
+    objects: list[str] = field(default_factory=list)
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # (x, y, w, h)
+    true_option: str | None = None
+    false_option: str | None = None
+    image_path: str | None = None
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """(true, false) options of a Choose question, else empty."""
+        return (self.true_option, self.false_option) if self.true_option and self.false_option else ()
+
+    def image(self) -> Image.Image:
+        """The RGB image (loaded from ``image_path`` on demand)."""
+        if self._image is not None:
+            return self._image
+        path = Path(str(self.image_path))
+        if not path.is_file():
+            raise MmflowError(f"Image of example {self.example_id} not found: {path}")
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except OSError as err:
+            raise MmflowError(f"Image of example {self.example_id} is not a readable image: {path} ({err})") from err
+
+
+def _number(row: Mapping[str, Any], column: str, where: str) -> float | None:
+    """A numeric CSV cell; None for an empty/'-'/None cell, a MmflowError naming the cell if malformed."""
+    value = row.get(column)
+    if value is None or str(value).strip() in ("", "-", "None", "nan"):
+        return None
+    try:
+        return float(value)
+    except ValueError as err:
+        raise MmflowError(f"{where}: column '{column}' must be a number, got {value!r}") from err
+
+
+def example_from_row(row: Mapping[str, Any], task: str, where: str, image_path: str | None = None,
+                     image: Image.Image | None = None) -> Example:
+    """Build an :class:`Example` from a row with the GQA CSV columns (shapes rows use the same names)."""
+    if task not in OBJECT_PREFIXES:
+        raise MmflowError(f"{where}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    for column in ("question_id", "question", "answer"):
+        if not str(row.get(column) or "").strip():
+            raise MmflowError(f"{where}: missing value in column '{column}'")
+    width, height = _number(row, "image_w", where), _number(row, "image_h", where)
+    if not width or not height:
+        raise MmflowError(f"{where}: columns 'image_w' and 'image_h' must be positive numbers")
+    objects, boxes = [], []
+    for prefix in OBJECT_PREFIXES[task]:
+        name = str(row.get(f"{prefix} name") or "").strip()
+        if name:
+            objects.append(name)
+        coords = [_number(row, f"{prefix} {c}", where) for c in "xywh"]
+        if all(c is not None for c in coords):
+            boxes.append(tuple(coords))
+        elif any(c is not None for c in coords):
+            raise MmflowError(f"{where}: incomplete box for '{prefix}' ({dict(zip('xywh', coords))})")
+    true_opt, false_opt = (str(row.get(c) or "").strip() or None for c in ("true option", "false option"))
+    if task in CHOOSE_TASKS and not (true_opt and false_opt):
+        raise MmflowError(f"{where}: a {task} question needs 'true option' and 'false option'")
+    return Example(
+        example_id=str(row["question_id"]), task=task, question=str(row["question"]).strip(),
+        answer=str(row["answer"]).strip(), image_size=(int(width), int(height)), objects=objects, boxes=boxes,
+        true_option=true_opt if task in CHOOSE_TASKS else None, false_option=false_opt if task in CHOOSE_TASKS else None,
+        image_path=image_path, _image=image,
+    )
+
+
+def gqa_csv_path(csv_dir: str | Path, task: str) -> Path:
+    """The paper's CSV of a task in ``csv_dir`` (file names end in ``_<Task>.csv``)."""
+    matches = sorted(Path(csv_dir).glob(f"*_{task}.csv"))
+    if len(matches) != 1:
+        raise MmflowError(f"Expected one file '*_{task}.csv' in {csv_dir}, found {len(matches)}")
+    return matches[0]
+
+
+def load_gqa(csv_dir: str | Path, image_dir: str | Path, tasks: Sequence[str] = TASKS, n: int | None = None) -> list[Example]:
+    """The first ``n`` questions per task from the paper's GQA CSVs, images from ``image_dir/<img_id>.jpg``.
+
+    Malformed rows and missing images raise a :class:`MmflowError` naming the file, line and cell; nothing is
+    dropped silently.
+    """
+    examples = []
+    for task in tasks:
+        path = gqa_csv_path(csv_dir, task)
+        with path.open(newline="", encoding="utf-8") as handle:
+            for i, row in enumerate(csv.DictReader(handle)):
+                if n is not None and i >= n:
+                    break
+                where = f"{path.name} line {i + 2}"
+                if None in row or any(v is None for v in row.values()):
+                    raise MmflowError(f"{where}: wrong number of fields")
+                image_path = Path(image_dir) / f"{str(row.get('img_id', '')).strip()}.jpg"
+                if not image_path.is_file():
+                    raise MmflowError(f"{where}: image {image_path} not found (GQA images go in {image_dir})")
+                examples.append(example_from_row(row, task, where, image_path=str(image_path)))
+    return examples
+
+
+def load_shapes(n: int, seed: int | None = None, tasks: Sequence[str] = TASKS) -> list[Example]:
+    """``n`` questions per task from the embedded shapes world (the fixed evaluation split by default)."""
+    from shapes_world import world
+
+    dataset = world.make_dataset(n, world.EVAL_SEED if seed is None else seed, tasks=tuple(tasks))
+    return [example_from_row(row, row["task"], f"shapes row {i}", image=row["image"]) for i, row in enumerate(dataset)]
+
+
+def load_examples(data: str = EMBEDDED_DATA, images: str | None = None, tasks: Sequence[str] = TASKS,
+                  n: int | None = None, seed: int | None = None) -> list[Example]:
+    """Examples from ``"shapes"`` (embedded) or a folder of the paper's GQA CSVs with ``images``."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise MmflowError(f"Unknown task(s) {unknown}; expected some of {', '.join(TASKS)}")
+    if data == EMBEDDED_DATA:
+        return load_shapes(n or 20, seed, tasks)
+    if not Path(data).is_dir():
+        raise MmflowError(f"Data folder {data} not found: pass 'shapes' or a folder of GQA CSVs")
+    if not images:
+        raise MmflowError("GQA data needs an image folder (IMAGES=... / images=...)")
+    return load_gqa(data, images, tasks, n)
+
+
+def encode_example(processor: Any, example: Example, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None, model: Any = None) -> Encoded:
+    """:func:`encode` an :class:`Example`; with ``model`` also its ``related_patches``/``other_patches``."""
+    image = example.image()
+    if image.size != tuple(example.image_size):
+        raise MmflowError(f"Example {example.example_id}: image is {image.size}, the data says {example.image_size}")
+    encoded = encode(processor, image, example.question, example.options, example.objects, device, dtype)
+    if model is not None:
+        encoded.groups.update(patch_groups(model, processor, encoded, example.image_size, example.boxes))
+    return encoded

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random checkpoints of both model classes, saved once per session, no network."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+tiny.offline_env()
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Folders of tiny checkpoints: llava (crop), llava_pad (pad-to-square), llava_next (anyres), llava_sp
+    (SentencePiece tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny")
+    sp = tiny.sentencepiece_tokenizer(root / "sp_tok")
+    return {
+        "llava": tiny.build_tiny(root / "llava", "llava"),
+        "llava_pad": tiny.build_tiny(root / "llava_pad", "llava", pad=True),
+        "llava_next": tiny.build_tiny(root / "llava_next", "llava_next"),
+        "llava_sp": tiny.build_tiny(root / "llava_sp", "llava", tokenizer=sp),
+        "llava_next_sp": tiny.build_tiny(root / "llava_next_sp", "llava_next", tokenizer=sp),
+    }
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_dirs):
+    """Cache of (model, processor) pairs loaded through mmflow_utils.load_model."""
+    import mmflow_utils as mu
+
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = mu.load_model(str(tiny_dirs[name]))
+        return cache[name]
+
+    return get

@@ -469,3 +469,294 @@ def encode_example(processor: Any, example: Example, device: str | torch.device 
     if model is not None:
         encoded.groups.update(patch_groups(model, processor, encoded, example.image_size, example.boxes))
     return encoded
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention knockout
+# ----------------------------------------------------------------------------------------------------------
+
+#: The paper's flows as (source group, target group): the target's attention to the source is blocked.
+FLOWS = {
+    "Question->Last": ("question", "last"),
+    "Image->Last": ("image", "last"),
+    "Last->Last": ("last", "last"),
+    "Image->Question": ("image", "question"),
+    "Related patches->Question": ("related_patches", "question"),
+    "Other patches->Question": ("other_patches", "question"),
+}
+TO_LAST_FLOWS = ("Question->Last", "Image->Last", "Last->Last")
+PATCH_FLOWS = ("Related patches->Question", "Other patches->Question")
+ENGINES = ("fast", "naive")
+_KNOCKOUT_IMPL = {"sdpa": "mmflow_knockout_sdpa", "eager": "mmflow_knockout_eager"}
+
+
+def flow_positions(flow: str | tuple[Any, Any], groups: Mapping[str, Sequence[int]]) -> tuple[list[int], list[int]]:
+    """(sources, targets) of a flow: a name from :data:`FLOWS`, ``"group->group"``, or a pair of groups/positions."""
+    if isinstance(flow, str):
+        if flow in FLOWS:
+            flow = FLOWS[flow]
+        elif "->" in flow:
+            flow = tuple(part.strip() for part in flow.split("->", 1))
+        else:
+            raise MmflowError(f"Unknown flow {flow!r}: use one of {list(FLOWS)} or 'source->target' with groups {sorted(groups)}")
+    out = []
+    for part in flow:
+        if isinstance(part, str):
+            if part not in groups:
+                raise MmflowError(f"Unknown group {part!r} in flow {flow!r}; this example has {sorted(groups)}")
+            out.append(sorted(groups[part]))
+        else:
+            out.append(sorted(int(p) for p in part))
+    sources, targets = out
+    if not sources or not targets:
+        raise MmflowError(f"Flow {flow!r} has an empty group (sources {len(sources)}, targets {len(targets)})")
+    for t in targets:  # a query row that keeps no key is undefined (NaN / uniform attention): refuse it
+        if set(range(t + 1)) <= set(sources):
+            raise MmflowError(f"Flow {flow!r} would block every key of position {t}")
+    return sources, targets
+
+
+def window_layers(centre: int, k: int, n_layers: int) -> range:
+    """The paper's window of ``k`` layers centred on ``centre``, truncated (not shifted) at the edges."""
+    return range(max(0, centre - k // 2), min(n_layers, centre - (-k // 2)))
+
+
+class Knockout:
+    """Per-layer boolean block masks (True = cut the edge), broadcastable to (batch, heads, q_len, kv_len)."""
+
+    def __init__(self, blocks: Mapping[int, torch.Tensor]):
+        self.blocks = dict(blocks)
+
+    def get(self, layer: int | None) -> torch.Tensor | None:
+        """The block mask of ``layer`` (None if nothing is cut there)."""
+        return self.blocks.get(layer)
+
+
+def _merge_block(attention_mask: torch.Tensor | None, block: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+    """Add cut edges to a mask as the model gave it: None (implicit lower-right causal), bool, or additive float."""
+    if attention_mask is None:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=block.device).tril(kv_len - q_len)[None, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & ~block
+    return attention_mask.masked_fill(block, torch.finfo(attention_mask.dtype).min)
+
+
+def _make_knockout_attention(base: Callable) -> Callable:
+    def attention(module, query, key, value, attention_mask, knockout: Knockout | None = None, **kwargs):
+        block = knockout.get(getattr(module, "layer_idx", None)) if knockout is not None else None
+        if block is not None:
+            attention_mask = _merge_block(attention_mask, block, query.shape[-2], key.shape[-2])
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def _register_knockout_attention() -> None:
+    """Register the knockout attention functions and their mask builders (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    for kind, base, mask_fn in (("sdpa", sdpa_attention_forward, sdpa_mask), ("eager", eager_attention_forward, eager_mask)):
+        AttentionInterface.register(_KNOCKOUT_IMPL[kind], _make_knockout_attention(base))
+        AttentionMaskInterface.register(_KNOCKOUT_IMPL[kind], mask_fn)  # without it every mask arrives as None
+
+
+@contextlib.contextmanager
+def knockout_attention(model: Any) -> Iterator[str]:
+    """Route the language model's attention through the knockout function; restore it on exit, also on error.
+
+    Yields the base implementation ("sdpa" or "eager") whose mask conventions apply.
+    """
+    _register_knockout_attention()
+    text_config = model.config.get_text_config()
+    previous = text_config._attn_implementation
+    base = "eager" if previous == "eager" else "sdpa"
+    model.set_attn_implementation({"text_config": _KNOCKOUT_IMPL[base]})
+    try:
+        yield base
+    finally:
+        model.set_attn_implementation({"text_config": previous})
+
+
+def _block(q_rows: Sequence[int], k_cols: Sequence[int], q_len: int, kv_len: int, device) -> torch.Tensor:
+    block = torch.zeros(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    block[0, 0, torch.tensor(q_rows)[:, None], torch.tensor(k_cols)[None, :]] = True
+    return block
+
+
+@dataclass
+class Clean:
+    """The clean run of one example: the answer token, its probability and what the fast engine reuses."""
+
+    answer_token: int
+    p_base: float
+    logits: torch.Tensor
+    cache: Any = None
+    embeds: torch.Tensor | None = None
+
+
+def clean_run(model: Any, encoded: Encoded, keep_cache: bool = False) -> Clean:
+    """One forward without knockout; the answer is the greedy first token at the last position."""
+    out = model(**encoded.inputs, use_cache=keep_cache, output_hidden_states=keep_cache, logits_to_keep=1)
+    logits = out.logits[0, -1].float()
+    answer = int(logits.argmax())
+    p_base = float(torch.softmax(logits, -1)[answer])
+    if keep_cache:
+        return Clean(answer, p_base, logits, out.past_key_values, out.hidden_states[0])
+    return Clean(answer, p_base, logits)
+
+
+def _naive_sweep(model, encoded, sources, targets, windows, answer) -> list[float]:
+    """The paper's method: one full forward (vision tower included) per window."""
+    n = encoded.length
+    block = _block(targets, sources, n, n, model.device)
+    probs = []
+    for layers in windows:
+        out = model(**encoded.inputs, use_cache=False, logits_to_keep=1, knockout=Knockout({j: block for j in layers}))
+        probs.append(float(torch.softmax(out.logits[0, -1].float(), -1)[answer]))
+    return probs
+
+
+def _crop_to(cache: Any, length: int) -> None:
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _fast_sweep(model, clean: Clean, base: str, sources, targets, windows, answer, token_budget: int) -> list[float]:
+    """Exact KV-reuse sweep: a knockout whose targets start at t0 changes nothing before t0, so the clean prefix
+    K/V are reused and only the suffix [t0, N) is recomputed, for G windows at once laid out as G copies of the
+    suffix along the sequence (same position ids; a 4D mask lets each copy see the prefix and itself only)."""
+    n = clean.embeds.shape[1]
+    t0 = min(targets)
+    s = n - t0
+    _crop_to(clean.cache, t0)
+    suffix = clean.embeds[:, t0:]
+    g_max = len(windows) if s == 1 else max(1, min(len(windows), token_budget // s))
+    probs: list[float] = []
+    for start in range(0, len(windows), g_max):
+        chunk = windows[start:start + g_max]
+        g = len(chunk)
+        q_len, kv_len = g * s, t0 + g * s
+        allowed = torch.zeros(1, 1, q_len, kv_len, dtype=torch.bool, device=suffix.device)
+        allowed[..., :t0] = True
+        causal = torch.ones(s, s, dtype=torch.bool, device=suffix.device).tril()
+        rows_of, cols_of = [], []
+        for w in range(g):
+            allowed[0, 0, w * s:(w + 1) * s, t0 + w * s:t0 + (w + 1) * s] = causal
+            rows_of.append([w * s + (t - t0) for t in targets])
+            cols_of.append([c if c < t0 else t0 + w * s + (c - t0) for c in sources])
+        blocks = {}
+        for layer in sorted({j for layers in chunk for j in layers}):
+            block = torch.zeros(1, 1, q_len, kv_len, dtype=torch.bool, device=suffix.device)
+            for w, layers in enumerate(chunk):
+                if layer in layers:
+                    block[0, 0, torch.tensor(rows_of[w])[:, None], torch.tensor(cols_of[w])[None, :]] = True
+            blocks[layer] = block
+        mask = allowed if base == "sdpa" else torch.zeros(allowed.shape, dtype=suffix.dtype).masked_fill(
+            ~allowed, torch.finfo(suffix.dtype).min)
+        out = model(
+            inputs_embeds=suffix.repeat(1, g, 1),
+            position_ids=(t0 + torch.arange(s, device=suffix.device)).repeat(g)[None],
+            attention_mask=mask, past_key_values=clean.cache, use_cache=True,
+            logits_to_keep=torch.arange(g, device=suffix.device) * s + s - 1, knockout=Knockout(blocks),
+        )
+        _crop_to(clean.cache, t0)
+        probs.extend(torch.softmax(out.logits[0].float(), -1)[:, answer].tolist())
+    return probs
+
+
+def knockout_sweep(
+    model: Any,
+    encoded: Encoded,
+    flows: Sequence[str | tuple[Any, Any]] = tuple(FLOWS),
+    window: int = 9,
+    engine: str = "fast",
+    layers: Sequence[int] | None = None,
+    token_budget: int = 256,
+    example_id: str = "",
+) -> pd.DataFrame:
+    """Knock out each flow in a window of ``window`` layers centred on every layer (or ``layers``).
+
+    Returns one row per (flow, centre layer): ``example_id, flow, layer, window_start, window_end, k,
+    answer_token, p_base, p_new, rel_change`` with ``rel_change = (p_new - p_base) / p_base * 100``; p is the
+    probability of the model's own greedy first answer token. ``engine="naive"`` runs one full forward per window
+    (the paper's method); ``"fast"`` reuses the clean KV cache and batches windows, with the same results.
+    """
+    if engine not in ENGINES:
+        raise MmflowError(f"Unknown engine {engine!r}; use one of {ENGINES}")
+    n_layers = num_layers(model)
+    centres = list(range(n_layers)) if layers is None else list(layers)
+    windows = [window_layers(c, window, n_layers) for c in centres]
+    resolved = [(flow if isinstance(flow, str) else "->".join(map(str, flow)), flow_positions(flow, encoded.groups))
+                for flow in flows]
+    rows = []
+    with torch.inference_mode(), knockout_attention(model) as base:
+        clean = clean_run(model, encoded, keep_cache=engine == "fast")
+        # crops only ever shrink the cache: process flows by decreasing first target
+        for name, (sources, targets) in sorted(resolved, key=lambda item: -min(item[1][1])):
+            if engine == "fast":
+                probs = _fast_sweep(model, clean, base, sources, targets, windows, clean.answer_token, token_budget)
+            else:
+                probs = _naive_sweep(model, encoded, sources, targets, windows, clean.answer_token)
+            for centre, layers_, p_new in zip(centres, windows, probs):
+                rows.append({
+                    "example_id": example_id, "flow": name, "layer": centre, "window_start": layers_.start,
+                    "window_end": layers_.stop - 1, "k": window, "answer_token": clean.answer_token,
+                    "p_base": clean.p_base, "p_new": p_new, "rel_change": (p_new - clean.p_base) / clean.p_base * 100,
+                })
+    order = {name: i for i, (name, _) in enumerate(resolved)}
+    return pd.DataFrame(rows).sort_values(["flow", "layer"], key=lambda col: col.map(order) if col.name == "flow" else col,
+                                          ignore_index=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logit lens
+# ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def capture_layer_outputs(model: Any) -> Iterator[list[torch.Tensor]]:
+    """Collect the residual stream after every decoder layer (forward hooks, always removed on exit)."""
+    outputs: list[torch.Tensor] = []
+
+    def hook(_module, _args, output):
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(hook) for layer in decoder_layers(model)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def logit_lens(model: Any, encoded: Encoded, tokens: Mapping[str, int], final_norm: bool = True) -> pd.DataFrame:
+    """Probability of each named token at the last position, read off the residual stream after every layer.
+
+    Each layer's output is unembedded with the LM head, after the final norm by default (``final_norm=False``
+    reproduces the paper's code). Columns: ``layer, token, token_id, prob``.
+    """
+    norm = text_model(model).norm
+    head = model.get_output_embeddings()
+    rows = []
+    with torch.inference_mode(), capture_layer_outputs(model) as outputs:
+        model(**encoded.inputs, use_cache=False, logits_to_keep=1)
+        for layer, hidden in enumerate(outputs):
+            h = hidden[:, -1]
+            probs = torch.softmax(head(norm(h) if final_norm else h)[0].float(), -1)
+            rows.extend({"layer": layer, "token": name, "token_id": tid, "prob": float(probs[tid])}
+                        for name, tid in tokens.items())
+    return pd.DataFrame(rows)
+
+
+def answer_token_ids(tokenizer: Any, word: str) -> dict[str, int]:
+    """First token of ``word`` in lowercase and Capitalized form, as the model would emit it after the prompt."""
+    out = {}
+    for name, form in (("lowercase", word.lower()), ("Capitalized", word.capitalize())):
+        ids = tokenizer(" " + form, add_special_tokens=False)["input_ids"]
+        bare = tokenizer(form, add_special_tokens=False)["input_ids"]
+        out[name] = ids[0] if tokenizer.decode(ids[:1]).strip() else bare[0]
+    return out

@@ -1,0 +1,147 @@
+"""Attention knockout (fast vs naive, hand-computed cases, pitfalls) and the logit lens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import mmflow_utils as mu
+
+QUESTION = "Is the circle to the left or to the right of the square?"
+ALL_FLOWS = list(mu.FLOWS) + ["true_option->last", "image->true_option", "object:square->last"]
+
+
+def encoded_example(model, processor, size=(90, 60)):
+    image = Image.new("RGB", size, (30, 30, 30))
+    image.paste((220, 40, 40), (10, 10, 40, 35))
+    enc = mu.encode(processor, image, QUESTION, options=("left", "right"), objects=["circle", "square"])
+    enc.groups.update(mu.patch_groups(model, processor, enc, size, [(10, 10, 30, 25)]))
+    return enc
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next", "llava_next_sp"])
+@pytest.mark.parametrize("window,budget", [(3, 16), (9, 256)])
+def test_fast_equals_naive(loaded, name, window, budget):
+    model, processor = loaded(name)
+    enc = encoded_example(model, processor)
+    naive = mu.knockout_sweep(model, enc, ALL_FLOWS, window=window, engine="naive")
+    fast = mu.knockout_sweep(model, enc, ALL_FLOWS, window=window, engine="fast", token_budget=budget)
+    assert len(naive) == len(ALL_FLOWS) * mu.num_layers(model)
+    assert (naive[["flow", "layer", "window_start", "window_end"]] == fast[["flow", "layer", "window_start", "window_end"]]).all().all()
+    assert (naive.p_new - fast.p_new).abs().max() <= 1e-5
+    assert (naive.p_base - fast.p_base).abs().max() <= 1e-6
+    # the knockouts do something, so the agreement is meaningful (pitfall: a mask arriving as None)
+    assert naive.groupby("flow").rel_change.apply(lambda r: r.abs().max()).min() > 1e-3
+
+
+def test_fast_equals_naive_eager(tiny_dirs):
+    model, processor = mu.load_model(str(tiny_dirs["llava"]))
+    model.set_attn_implementation("eager")
+    enc = encoded_example(model, processor)
+    naive = mu.knockout_sweep(model, enc, ALL_FLOWS, window=3, engine="naive")
+    fast = mu.knockout_sweep(model, enc, ALL_FLOWS, window=3, engine="fast", token_budget=16)
+    assert (naive.p_new - fast.p_new).abs().max() <= 1e-5
+    assert model.config.get_text_config()._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("engine", mu.ENGINES)
+def test_empty_knockout_reproduces_clean(loaded, engine):
+    model, processor = loaded("llava")
+    enc = encoded_example(model, processor)
+    result = mu.knockout_sweep(model, enc, list(mu.FLOWS), window=0, engine=engine)
+    assert (result.window_end < result.window_start).all()
+    assert torch.allclose(torch.tensor(result.p_new.values), torch.tensor(result.p_base.values), atol=1e-7, rtol=0)
+    with torch.inference_mode():
+        clean = model(**enc.inputs).logits[0, -1].softmax(-1)
+    assert abs(clean.max().item() - result.p_base.iloc[0]) < 1e-6
+
+
+def last_position_by_hand(model, embeds: torch.Tensor) -> torch.Tensor:
+    """Output distribution at the last position when it attends only to itself in every layer, computed by hand:
+    attention to one key is weight 1 on its value, whatever the rotary position, so each layer adds
+    o_proj(v_proj(norm(h))) and then the MLP."""
+    h = embeds[0, -1]
+    for layer in mu.decoder_layers(model):
+        attn = layer.self_attn
+        h = h + attn.o_proj(attn.v_proj(layer.input_layernorm(h)))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(mu.text_model(model).norm(h)).softmax(-1)
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next"])
+@pytest.mark.parametrize("engine", mu.ENGINES)
+def test_blocking_everything_the_last_position_sees(loaded, name, engine):
+    model, processor = loaded(name)
+    enc = encoded_example(model, processor)
+    n, n_layers = enc.length, mu.num_layers(model)
+    result = mu.knockout_sweep(model, enc, [(list(range(n - 1)), [n - 1])], window=2 * n_layers + 1, engine=engine)
+    assert (result.window_start == 0).all() and (result.window_end == n_layers - 1).all()
+    with torch.inference_mode():
+        embeds = model(**enc.inputs, output_hidden_states=True).hidden_states[0]
+        expected = last_position_by_hand(model, embeds)[result.answer_token.iloc[0]].item()
+    assert result.p_new.sub(expected).abs().max() < 1e-6
+    assert abs(result.rel_change.iloc[0]) > 1.0
+
+
+def test_window_is_centred_and_truncated():
+    assert list(mu.window_layers(0, 9, 32)) == [0, 1, 2, 3, 4]
+    assert list(mu.window_layers(10, 9, 32)) == list(range(6, 15))
+    assert list(mu.window_layers(31, 9, 32)) == list(range(27, 32))
+    assert list(mu.window_layers(5, 4, 32)) == [3, 4, 5, 6]
+
+
+def test_bad_flows_are_refused(loaded):
+    model, processor = loaded("llava")
+    enc = encoded_example(model, processor)
+    with pytest.raises(mu.MmflowError, match="Unknown flow 'Image to Last'"):
+        mu.knockout_sweep(model, enc, ["Image to Last"])
+    with pytest.raises(mu.MmflowError, match="Unknown group 'answer'"):
+        mu.knockout_sweep(model, enc, ["answer->last"])
+    with pytest.raises(mu.MmflowError, match="block every key of position 3"):
+        mu.knockout_sweep(model, enc, [([0, 1, 2, 3], [3])])
+    with pytest.raises(mu.MmflowError, match="Unknown engine 'turbo'"):
+        mu.knockout_sweep(model, enc, ["Image->Last"], engine="turbo")
+
+
+def test_attention_is_restored_also_on_error(loaded):
+    model, processor = loaded("llava")
+    text_cfg, vision_cfg = model.config.get_text_config(), model.config.vision_config
+    before = (text_cfg._attn_implementation, vision_cfg._attn_implementation)
+    with pytest.raises(RuntimeError, match="boom"), mu.knockout_attention(model):
+        assert text_cfg._attn_implementation.startswith("mmflow_knockout")
+        assert vision_cfg._attn_implementation == before[1]  # the vision tower is never touched
+        raise RuntimeError("boom")
+    assert (text_cfg._attn_implementation, vision_cfg._attn_implementation) == before
+
+
+def test_sweeps_are_repeatable_and_leave_no_graph(loaded):
+    model, processor = loaded("llava_next")
+    enc = encoded_example(model, processor)
+    first = mu.knockout_sweep(model, enc, ["Image->Question", "Image->Last"], window=3)
+    second = mu.knockout_sweep(model, enc, ["Image->Question", "Image->Last"], window=3)
+    assert first.equals(second)
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next"])
+def test_logit_lens_top_layer_is_the_output(loaded, name):
+    model, processor = loaded(name)
+    enc = encoded_example(model, processor)
+    with torch.inference_mode():
+        probs = model(**enc.inputs).logits[0, -1].softmax(-1)
+    tokens = {"top": int(probs.argmax()), "other": 7}
+    lens = mu.logit_lens(model, enc, tokens)
+    assert sorted(lens.layer.unique()) == list(range(mu.num_layers(model)))
+    top = lens[lens.layer == lens.layer.max()].set_index("token").prob
+    assert abs(top["top"] - probs[tokens["top"]].item()) < 1e-6 and abs(top["other"] - probs[7].item()) < 1e-6
+    raw = mu.logit_lens(model, enc, tokens, final_norm=False)
+    assert (raw.prob - lens.prob).abs().max() > 1e-4  # the switch changes the lower layers
+
+
+def test_answer_token_ids_on_real_tokenizers(loaded):
+    for name in ("llava", "llava_sp"):
+        _, processor = loaded(name)
+        ids = mu.answer_token_ids(processor.tokenizer, "Left")
+        tok = processor.tokenizer
+        assert tok.decode([ids["lowercase"]]).strip() == "left" and tok.decode([ids["Capitalized"]]).strip() == "Left"

@@ -760,3 +760,172 @@ def answer_token_ids(tokenizer: Any, word: str) -> dict[str, int]:
         bare = tokenizer(form, add_special_tokens=False)["input_ids"]
         out[name] = ids[0] if tokenizer.decode(ids[:1]).strip() else bare[0]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experiments over many examples: correctness filter, on-disk cache keyed by configuration, shards
+# ----------------------------------------------------------------------------------------------------------
+
+
+def default_window(n_layers: int) -> int:
+    """The paper's k=9 for 32-40-layer models; about L/4 (odd, so it has a centre) for shallower ones."""
+    return min(9, 2 * round(n_layers / 8) + 1)
+
+
+def greedy_answer(model: Any, processor: Any, encoded: Encoded, max_new_tokens: int = 10) -> str:
+    """The model's own greedy answer (clean run), decoded without special tokens."""
+    with torch.inference_mode():
+        out = model.generate(**encoded.inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.tokenizer.decode(out[0, encoded.length:], skip_special_tokens=True)
+
+
+def is_correct(predicted: str, gold: str) -> bool:
+    """The paper's filter: the whole answer, stripped and lower-cased, equals the gold answer."""
+    return predicted.strip().rstrip(".").strip().lower() == gold.strip().lower()
+
+
+def model_fingerprint(model: Any, name: str) -> str:
+    """Identify a model for cache keys: its name, config and a checksum of its weights."""
+    checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
+    return f"{name}|{model.config.to_json_string(use_diff=False)}|{checksum:.10e}"
+
+
+def config_key(**config: Any) -> str:
+    """A short stable hash of a configuration (the cache folder of its results)."""
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def shard_of(items: Sequence[Any], shard: tuple[int, int] = (0, 1)) -> list[Any]:
+    """Items of shard ``i`` of ``n`` (round robin), so ``n`` processes split a run without overlap."""
+    i, n = shard
+    if not 0 <= i < n:
+        raise MmflowError(f"Shard {i} of {n} does not exist")
+    return list(items[i::n])
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)  # never a half-written result
+
+
+def run_cached(
+    examples: Sequence[Example],
+    compute: Callable[[Example], dict[str, Any]],
+    cache_dir: str | Path,
+    key: str,
+    shard: tuple[int, int] = (0, 1),
+    desc: str = "examples",
+) -> list[dict[str, Any]]:
+    """Run ``compute`` on each example of the shard, caching each result as ``cache_dir/key/<example_id>.json``.
+
+    Cached examples are skipped, so an interrupted run resumes where it stopped and gives identical results.
+    Returns this shard's results; :func:`merge_cached` collects all shards.
+    """
+    from tqdm.auto import tqdm
+
+    folder = Path(cache_dir) / key
+    folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    for example in tqdm(shard_of(examples, shard), desc=desc, leave=False):
+        path = folder / f"{example.example_id}.json"
+        if not path.exists():
+            _write_json_atomic(path, compute(example))
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+def merge_cached(cache_dir: str | Path, key: str, examples: Sequence[Example]) -> list[dict[str, Any]]:
+    """All cached results of a configuration, in example order; names the examples no shard has computed yet."""
+    folder = Path(cache_dir) / key
+    missing = [e.example_id for e in examples if not (folder / f"{e.example_id}.json").exists()]
+    if missing:
+        raise MmflowError(f"{len(missing)} examples not computed yet in {folder} (e.g. {missing[:3]}): run the missing shards")
+    return [json.loads((folder / f"{e.example_id}.json").read_text()) for e in examples]
+
+
+@dataclass
+class Run:
+    """A loaded model with its processor and the settings every experiment on it shares."""
+
+    name: str
+    model: Any
+    processor: Any
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_dir: str = str(REPO_DIR / "results")
+    fingerprint: str = ""
+
+    @classmethod
+    def load(cls, name: str = EMBEDDED_MODEL, device: str = "cpu", dtype: str = "float32",
+             cache_dir: str | None = None) -> Run:
+        """Load a model (see :func:`load_model`) and fingerprint it for the cache."""
+        torch.manual_seed(0)
+        model, processor = load_model(name, device, dtype)
+        return cls(name, model, processor, device, dtype, cache_dir or str(REPO_DIR / "results"),
+                   model_fingerprint(model, name))
+
+    def encode(self, example: Example, patches: bool = False) -> Encoded:
+        """Encode an example for this model (with its patch groups if ``patches``)."""
+        return encode_example(self.processor, example, self.device, getattr(torch, self.dtype),
+                              self.model if patches else None)
+
+    def _check(self, example: Example, encoded: Encoded) -> dict[str, Any]:
+        predicted = greedy_answer(self.model, self.processor, encoded)
+        return {"example_id": example.example_id, "task": example.task, "answer": example.answer,
+                "predicted": predicted.strip(), "correct": is_correct(predicted, example.answer)}
+
+    def knockout(self, examples: Sequence[Example], flows: Sequence[str], window: int, engine: str = "fast",
+                 shard: tuple[int, int] = (0, 1), data_id: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Knockout sweeps over correctly answered examples: (rows of the kept examples, per-example status)."""
+        key = config_key(kind="knockout", model=self.fingerprint, data=data_id, flows=list(flows), window=window,
+                         engine=engine, dtype=self.dtype)
+        patches = any(f in PATCH_FLOWS or "patches" in f for f in flows)
+
+        def compute(example: Example) -> dict[str, Any]:
+            encoded = self.encode(example, patches)
+            status = self._check(example, encoded)
+            rows = []
+            if status["correct"]:
+                rows = knockout_sweep(self.model, encoded, flows, window, engine, example_id=example.example_id)
+                rows = rows.assign(task=example.task).to_dict("records")
+            return {**status, "rows": rows}
+
+        run_cached(examples, compute, self.cache_dir, key, shard, desc="knockout")
+        return self._frames(examples, key, shard)
+
+    def lens(self, examples: Sequence[Example], shard: tuple[int, int] = (0, 1), data_id: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Logit lens (with and without final norm) for the lowercase/Capitalized answer and false option."""
+        key = config_key(kind="lens", model=self.fingerprint, data=data_id, dtype=self.dtype)
+        tok = self.processor.tokenizer
+
+        def compute(example: Example) -> dict[str, Any]:
+            encoded = self.encode(example)
+            status = self._check(example, encoded)
+            rows = []
+            if status["correct"]:
+                tokens = {f"answer ({form})": tid for form, tid in answer_token_ids(tok, example.answer).items()}
+                if example.false_option:
+                    tokens.update({f"false option ({form})": tid
+                                   for form, tid in answer_token_ids(tok, example.false_option).items()})
+                for final_norm in (True, False):
+                    frame = logit_lens(self.model, encoded, tokens, final_norm)
+                    rows += frame.assign(final_norm=final_norm, example_id=example.example_id,
+                                         task=example.task).to_dict("records")
+            return {**status, "rows": rows}
+
+        run_cached(examples, compute, self.cache_dir, key, shard, desc="logit lens")
+        return self._frames(examples, key, shard)
+
+    def _frames(self, examples: Sequence[Example], key: str, shard: tuple[int, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        results = merge_cached(self.cache_dir, key, shard_of(examples, shard))
+        status = pd.DataFrame([{k: v for k, v in r.items() if k != "rows"} for r in results])
+        rows = pd.DataFrame([row for r in results for row in r["rows"]])
+        return rows, status
+
+
+def accuracy_table(status: pd.DataFrame) -> pd.DataFrame:
+    """Per task: examples, correctly answered (kept), accuracy."""
+    table = status.groupby("task").correct.agg(examples="size", kept="sum")
+    table["accuracy"] = table.kept / table.examples
+    return table

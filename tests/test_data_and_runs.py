@@ -1,0 +1,145 @@
+"""GQA CSV loading (clear errors, nothing dropped) and cached, resumable, shardable experiment runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import mmflow_utils as mu
+
+CHOOSE_ATTR_COLUMNS = ["question_id", "img_id", "question", "answer", "true option", "false option",
+                       "central object name", "central object id", "image_w", "image_h", "central object w",
+                       "central object h", "central object x", "central object y"]
+REL_COLUMNS = ["question_id", "img_id", "question", "answer", "true option", "false option", "object1 name",
+               "object1 id", "object2 name", "object2 id", "image_w", "image_h", "object1 w", "object1 h", "object1 x",
+               "object1 y", "object2 w", "object2 h", "object2 x", "object2 y"]
+
+
+def write_csv(path, columns, rows):
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def gqa(tmp_path):
+    csvs, images = tmp_path / "csv", tmp_path / "images"
+    csvs.mkdir(), images.mkdir()
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(images / "img1.jpg")
+    write_csv(csvs / "GQA_val_correct_question_with_choose_ChooseAttr.csv", CHOOSE_ATTR_COLUMNS, [
+        ["101", "img1", "Is the jar full or empty?", "empty", "empty", "full", "jar", "5", "64", "48", "10", "12", "3",
+         "4"],
+    ])
+    write_csv(csvs / "GQA_val_correct_question_with_relChooser_ChooseRel.csv", REL_COLUMNS, [
+        ["201", "img1", "Is the surfer to the left or to the right of the surfboard?", "right", "right", "left",
+         "surfboard", "7", "surfer", "8", "64", "48", "20", "10", "1", "2", "5", "6", "40", "30"],
+    ])
+    return csvs, images
+
+
+def test_load_gqa(gqa):
+    csvs, images = gqa
+    examples = mu.load_examples(str(csvs), str(images), tasks=["ChooseAttr", "ChooseRel"])
+    attr, rel = examples
+    assert (attr.task, attr.answer, attr.options, attr.objects, attr.boxes) == (
+        "ChooseAttr", "empty", ("empty", "full"), ["jar"], [(3.0, 4.0, 10.0, 12.0)])
+    assert rel.objects == ["surfboard", "surfer"] and rel.boxes == [(1.0, 2.0, 20.0, 10.0), (40.0, 30.0, 5.0, 6.0)]
+    assert attr.image().size == (64, 48) == attr.image_size
+
+
+def test_gqa_errors_name_the_culprit(gqa):
+    csvs, images = gqa
+    path = csvs / "GQA_val_correct_question_with_choose_ChooseAttr.csv"
+    rows = list(csv.reader(path.open()))
+    rows[1][-2] = "wide"  # a malformed box coordinate
+    write_csv(path, rows[0], rows[1:])
+    with pytest.raises(mu.MmflowError, match="ChooseAttr.csv line 2: column 'central object x' must be a number, got 'wide'"):
+        mu.load_gqa(csvs, images, ["ChooseAttr"])
+    write_csv(path, rows[0], [rows[1][:5]])
+    with pytest.raises(mu.MmflowError, match="ChooseAttr.csv line 2: wrong number of fields"):
+        mu.load_gqa(csvs, images, ["ChooseAttr"])
+    (images / "img1.jpg").unlink()
+    with pytest.raises(mu.MmflowError, match="ChooseRel.csv line 2: image .*img1.jpg not found"):
+        mu.load_gqa(csvs, images, ["ChooseRel"])
+    with pytest.raises(mu.MmflowError, match="Unknown task"):
+        mu.load_examples(str(csvs), str(images), tasks=["CountObj"])
+    with pytest.raises(mu.MmflowError, match="one file '\\*_QueryAttr.csv'"):
+        mu.load_gqa(csvs, images, ["QueryAttr"])
+
+
+def test_unreadable_image_is_reported(tmp_path):
+    bad = tmp_path / "x.jpg"
+    bad.write_text("not an image")
+    example = mu.Example("e1", "QueryAttr", "Where is it?", "left", (4, 4), image_path=str(bad))
+    with pytest.raises(mu.MmflowError, match="e1 is not a readable image"):
+        example.image()
+
+
+def examples_for(run, n=4):
+    """Examples on synthetic images; the first two get the model's own answer as gold (so they are kept)."""
+    out = []
+    for i in range(n):
+        image = Image.new("RGB", (70, 50), (40 * i, 90, 200 - 30 * i))
+        ex = mu.Example(f"ex{i}", "ChooseAttr", "Is the square red or blue?", "zzz", (70, 50), ["square"],
+                        [(5.0 * i, 4.0, 20.0, 20.0)], "red", "blue", _image=image)
+        if i < 2:
+            ex.answer = mu.greedy_answer(run.model, run.processor, run.encode(ex)).strip()
+        out.append(ex)
+    return out
+
+
+@pytest.fixture
+def run(tiny_dirs, tmp_path):
+    return mu.Run.load(str(tiny_dirs["llava"]), cache_dir=str(tmp_path / "results"))
+
+
+def test_correctness_filter_and_resume(run, monkeypatch):
+    examples = examples_for(run)
+    flows = ["Image->Last", "Related patches->Question"]
+    rows, status = run.knockout(examples, flows, window=3)
+    assert status.correct.tolist() == [True, True, False, False]
+    assert sorted(rows.example_id.unique()) == ["ex0", "ex1"]
+    assert len(rows) == 2 * len(flows) * mu.num_layers(run.model)
+    assert mu.accuracy_table(status).loc["ChooseAttr"].tolist() == [4, 2, 0.5]
+    # resume: only the missing example is recomputed, and the results are identical
+    files = sorted(Path(run.cache_dir).rglob("*.json"))
+    assert len(files) == 4
+    files[1].unlink()
+    calls = []
+    original = mu.knockout_sweep
+    monkeypatch.setattr(mu, "knockout_sweep", lambda *a, **k: calls.append(1) or original(*a, **k))
+    rows2, status2 = run.knockout(examples, flows, window=3)
+    assert len(calls) == 1 and rows2.equals(rows) and status2.equals(status)
+
+
+def test_shards_split_and_merge(run):
+    examples = examples_for(run)
+    flows = ["Question->Last"]
+    part0, _ = run.knockout(examples, flows, window=3, shard=(0, 2))
+    part1, _ = run.knockout(examples, flows, window=3, shard=(1, 2))
+    assert set(part0.example_id) == {"ex0"} and set(part1.example_id) == {"ex1"}
+    merged, status = run.knockout(examples, flows, window=3)  # everything cached: the merge step
+    assert len(status) == 4 and set(merged.example_id) == {"ex0", "ex1"}
+    with pytest.raises(mu.MmflowError, match="not computed yet"):
+        mu.merge_cached(run.cache_dir, "no-such-key", examples)
+    with pytest.raises(mu.MmflowError, match="Shard 2 of 2"):
+        mu.shard_of(examples, (2, 2))
+
+
+def test_lens_run_rows(run):
+    examples = examples_for(run, 2)
+    rows, status = run.lens(examples)
+    assert status.correct.all()
+    assert set(rows.token) == {"answer (lowercase)", "answer (Capitalized)", "false option (lowercase)",
+                               "false option (Capitalized)"}
+    assert set(rows.final_norm) == {True, False}
+    assert json.loads(json.dumps(rows.prob.tolist()))  # plain floats, JSON-cacheable
+
+
+def test_default_window_scales_with_depth():
+    assert [mu.default_window(n) for n in (8, 16, 24, 32, 40)] == [3, 5, 7, 9, 9]

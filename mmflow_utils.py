@@ -632,6 +632,9 @@ def _fast_sweep(model, clean: Clean, base: str, sources, targets, windows, answe
     n = clean.embeds.shape[1]
     t0 = min(targets)
     s = n - t0
+    if clean.cache.get_seq_length() < t0:
+        raise MmflowError(f"The clean cache holds {clean.cache.get_seq_length()} positions, fewer than t0={t0}: "
+                          "it was cropped by an earlier sweep; pass a fresh clean_run")
     _crop_to(clean.cache, t0)
     suffix = clean.embeds[:, t0:]
     g_max = len(windows) if s == 1 else max(1, min(len(windows), token_budget // s))
@@ -677,6 +680,7 @@ def knockout_sweep(
     layers: Sequence[int] | None = None,
     token_budget: int = 256,
     example_id: str = "",
+    clean: Clean | None = None,
 ) -> pd.DataFrame:
     """Knock out each flow in a window of ``window`` layers centred on every layer (or ``layers``).
 
@@ -684,6 +688,7 @@ def knockout_sweep(
     answer_token, p_base, p_new, rel_change`` with ``rel_change = (p_new - p_base) / p_base * 100``; p is the
     probability of the model's own greedy first answer token. ``engine="naive"`` runs one full forward per window
     (the paper's method); ``"fast"`` reuses the clean KV cache and batches windows, with the same results.
+    ``clean`` is a :func:`clean_run` to reuse (with ``keep_cache=True`` for the fast engine).
     """
     if engine not in ENGINES:
         raise MmflowError(f"Unknown engine {engine!r}; use one of {ENGINES}")
@@ -694,7 +699,7 @@ def knockout_sweep(
                 for flow in flows]
     rows = []
     with torch.inference_mode(), knockout_attention(model) as base:
-        clean = clean_run(model, encoded, keep_cache=engine == "fast")
+        clean = clean or clean_run(model, encoded, keep_cache=engine == "fast")
         # crops only ever shrink the cache: process flows by decreasing first target
         for name, (sources, targets) in sorted(resolved, key=lambda item: -min(item[1][1])):
             if engine == "fast":
@@ -929,3 +934,168 @@ def accuracy_table(status: pd.DataFrame) -> pd.DataFrame:
     table = status.groupby("task").correct.agg(examples="size", kept="sum")
     table["accuracy"] = table.kept / table.examples
     return table
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures: curve tables with confidence bands, PNG + PDF + CSV, computed captions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def curve_table(rows: pd.DataFrame, value: str = "rel_change", by: Sequence[str] = ("task", "flow", "layer")) -> pd.DataFrame:
+    """Mean of ``value`` over examples with a 95% normal confidence band, per ``by`` group."""
+    grouped = rows.groupby(list(by), sort=False)[value]
+    table = grouped.agg(mean="mean", std="std", n="size").reset_index()
+    half = 1.96 * table["std"].fillna(0.0) / np.sqrt(table["n"])
+    return table.assign(ci_low=table["mean"] - half, ci_high=table["mean"] + half).drop(columns="std")
+
+
+def plot_curves(table: pd.DataFrame, panel: str = "task", line: str = "flow", x: str = "layer",
+                ylabel: str = "% change in answer probability", title: str = "", ncols: int = 3) -> Any:
+    """One panel per ``panel`` value, one line (mean with its band) per ``line`` value."""
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys(table[panel]))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, min(ncols, len(panels)), figsize=(4.2 * min(ncols, len(panels)), 3.2 * nrows),
+                             squeeze=False, sharex=True)
+    for ax, name in zip(axes.flat, panels):
+        part = table[table[panel] == name]
+        for label, curve in part.groupby(line, sort=False):
+            ax.plot(curve[x], curve["mean"], marker=".", label=label)
+            ax.fill_between(curve[x], curve["ci_low"], curve["ci_high"], alpha=0.2)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_title(f"{name} (n={int(part['n'].max())})", fontsize=10)
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel, fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Any, data: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
+    """Write ``name``.png, .pdf and the figure's data as .csv (fixed precision, so reruns give identical files)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf", out / f"{name}.csv"]
+    fig.savefig(paths[0], dpi=120)
+    fig.savefig(paths[1], metadata={"CreationDate": None})
+    data.to_csv(paths[2], index=False, float_format="%.6f")
+    return paths
+
+
+def largest_drop(table: pd.DataFrame, **where: Any) -> tuple[int, float]:
+    """(layer, mean % change) of the most negative point of a curve selected by column values."""
+    part = table
+    for column, value in where.items():
+        part = part[part[column] == value]
+    row = part.loc[part["mean"].idxmin()]
+    return int(row["layer"]), float(row["mean"])
+
+
+def describe_curves(table: pd.DataFrame, flows: Sequence[str], n_layers: int) -> str:
+    """One computed sentence per flow: where its mean over tasks drops most, and in which third of the model."""
+    overall = table.groupby(["flow", "layer"], sort=False)["mean"].mean().reset_index()
+    lines = []
+    for flow in flows:
+        layer, value = largest_drop(overall, flow=flow)
+        third = ("lower", "middle", "upper")[min(2, 3 * layer // n_layers)]
+        lines.append(f"- {flow}: largest mean change {value:+.1f}% at layer {layer} ({third} layers)")
+    return "\n".join(lines)
+
+
+def base_patch_grid(run: Run, example: Example) -> tuple[np.ndarray, np.ndarray]:
+    """(processed base image as HxWx3 uint8, labels of its patch grid) — what the overlays show."""
+    from transformers.image_utils import PILImageResampling
+
+    labels = image_token_labels(run.model, run.processor, example.image_size, example.boxes)
+    side = run.model.config.vision_config.image_size // run.model.config.vision_config.patch_size
+    grid = labels[labels != NEITHER][: side * side].view(side, side).numpy()
+    pixels = run.processor.image_processor(example.image(), do_rescale=False, do_normalize=False,
+                                           resample=PILImageResampling.BICUBIC, return_tensors="pt")["pixel_values"][0]
+    base = pixels if pixels.dim() == 3 else pixels[0]
+    return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
+
+
+def plot_patch_overlay(run: Run, example: Example, ax: Any = None) -> Any:
+    """The model's view of an example's image with related (red) and other (blue) patches overlaid."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    image, grid = base_patch_grid(run, example)
+    ax = ax or plt.subplots(figsize=(3.5, 3.5))[1]
+    ax.imshow(image)
+    cell = image.shape[0] / grid.shape[0]
+    for (r, c), label in np.ndenumerate(grid):
+        color = "red" if label == RELATED else "tab:blue"
+        ax.add_patch(Rectangle((c * cell, r * cell), cell, cell, facecolor=color, alpha=0.35 if label == RELATED else 0.12,
+                               edgecolor=color, lw=0.5))
+    ax.set_title(f"{example.task}: {example.question}\n(answer: {example.answer}; red = related patches)", fontsize=8)
+    ax.axis("off")
+    return ax
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Widgets: explore layer windows on the fly (fast engine); static output under papermill
+# ----------------------------------------------------------------------------------------------------------
+
+
+class KnockoutExplorer:
+    """An ipywidgets panel: window size, layer range, flow, task and example pickers, re-running the fast
+    knockout for the chosen setting and redrawing the curve and the example's patch groups."""
+
+    def __init__(self, run: Run, examples: Sequence[Example], flows: Sequence[str], window: int):
+        import ipywidgets as widgets
+
+        self.run, self.examples = run, list(examples)
+        n_layers = num_layers(run.model)
+        tasks = list(dict.fromkeys(e.task for e in self.examples))
+        self.window = widgets.IntSlider(value=window, min=1, max=n_layers, description="window k")
+        self.layers = widgets.IntRangeSlider(value=(0, n_layers - 1), min=0, max=n_layers - 1, description="centres")
+        self.flow = widgets.Dropdown(options=list(flows), value=flows[0], description="flow")
+        self.task = widgets.Dropdown(options=tasks, value=tasks[0], description="task")
+        self.example = widgets.Dropdown(description="example")
+        self.output = widgets.Output()
+        self.result: pd.DataFrame | None = None
+        self._sync_examples()
+        self.task.observe(lambda _: self._sync_examples(), names="value")
+        for control in (self.window, self.layers, self.flow, self.example):
+            control.observe(lambda _: self.update(), names="value")
+        self.panel = widgets.VBox([widgets.HBox([self.window, self.layers]),
+                                   widgets.HBox([self.flow, self.task, self.example]), self.output])
+
+    def _sync_examples(self) -> None:
+        options = [(f"{e.example_id}: {e.question}", i) for i, e in enumerate(self.examples) if e.task == self.task.value]
+        self.example.options = options
+        self.example.value = options[0][1]
+
+    def update(self) -> pd.DataFrame:
+        """Re-run the knockout for the current setting and redraw; returns the sweep's rows."""
+        import matplotlib.pyplot as plt
+
+        example = self.examples[self.example.value]
+        encoded = self.run.encode(example, patches=True)
+        lo, hi = self.layers.value
+        self.result = knockout_sweep(self.run.model, encoded, [self.flow.value], self.window.value, "fast",
+                                     layers=range(lo, hi + 1), example_id=example.example_id)
+        self.output.clear_output(wait=True)
+        with self.output:
+            fig, (ax_img, ax_curve) = plt.subplots(1, 2, figsize=(9, 3.4))
+            plot_patch_overlay(self.run, example, ax_img)
+            ax_curve.plot(self.result["layer"], self.result["rel_change"], marker="o")
+            ax_curve.axhline(0, color="grey", lw=0.6)
+            ax_curve.set(xlabel="centre layer", ylabel="% change in answer probability",
+                         title=f"{self.flow.value}, k={self.window.value}")
+            fig.tight_layout()
+            plt.show()
+        return self.result
+
+    def show(self) -> None:
+        """Display the panel and draw the first setting (the static output a headless run keeps)."""
+        from IPython.display import display
+
+        display(self.panel)
+        self.update()

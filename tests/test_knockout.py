@@ -145,3 +145,14 @@ def test_answer_token_ids_on_real_tokenizers(loaded):
         ids = mu.answer_token_ids(processor.tokenizer, "Left")
         tok = processor.tokenizer
         assert tok.decode([ids["lowercase"]]).strip() == "left" and tok.decode([ids["Capitalized"]]).strip() == "Left"
+
+
+def test_reused_clean_run_and_overcropped_cache(loaded):
+    model, processor = loaded("llava")
+    enc = encoded_example(model, processor)
+    with torch.inference_mode():
+        clean = mu.clean_run(model, enc, keep_cache=True)
+    reused = mu.knockout_sweep(model, enc, ["Image->Question"], window=3, clean=clean)
+    assert reused.equals(mu.knockout_sweep(model, enc, ["Image->Question"], window=3))
+    with pytest.raises(mu.MmflowError, match="cropped by an earlier sweep"):
+        mu.knockout_sweep(model, enc, ["Image->Last"], window=3, clean=clean)  # its cache now ends at the question

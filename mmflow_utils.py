@@ -1003,7 +1003,7 @@ def describe_curves(table: pd.DataFrame, flows: Sequence[str], n_layers: int) ->
     for flow in flows:
         layer, value = largest_drop(overall, flow=flow)
         third = ("lower", "middle", "upper")[min(2, 3 * layer // n_layers)]
-        lines.append(f"- {flow}: largest mean change {value:+.1f}% at layer {layer} ({third} layers)")
+        lines.append(f"- {flow}: most negative mean change {value:+.1f}% at layer {layer} ({third} layers)")
     return "\n".join(lines)
 
 
@@ -1074,8 +1074,6 @@ class KnockoutExplorer:
 
     def update(self) -> pd.DataFrame:
         """Re-run the knockout for the current setting and redraw; returns the sweep's rows."""
-        import matplotlib.pyplot as plt
-
         example = self.examples[self.example.value]
         encoded = self.run.encode(example, patches=True)
         lo, hi = self.layers.value
@@ -1083,19 +1081,35 @@ class KnockoutExplorer:
                                      layers=range(lo, hi + 1), example_id=example.example_id)
         self.output.clear_output(wait=True)
         with self.output:
-            fig, (ax_img, ax_curve) = plt.subplots(1, 2, figsize=(9, 3.4))
-            plot_patch_overlay(self.run, example, ax_img)
-            ax_curve.plot(self.result["layer"], self.result["rel_change"], marker="o")
-            ax_curve.axhline(0, color="grey", lw=0.6)
-            ax_curve.set(xlabel="centre layer", ylabel="% change in answer probability",
-                         title=f"{self.flow.value}, k={self.window.value}")
-            fig.tight_layout()
-            plt.show()
+            self.figure(example)
         return self.result
 
+    def figure(self, example: Example) -> Any:
+        """The current setting's figure: the example's patch groups and the knockout curve."""
+        import matplotlib.pyplot as plt
+
+        fig, (ax_img, ax_curve) = plt.subplots(1, 2, figsize=(9, 3.4))
+        plot_patch_overlay(self.run, example, ax_img)
+        ax_curve.plot(self.result["layer"], self.result["rel_change"], marker="o")
+        ax_curve.axhline(0, color="grey", lw=0.6)
+        ax_curve.set(xlabel="centre layer", ylabel="% change in answer probability",
+                     title=f"{self.flow.value}, k={self.window.value}")
+        fig.tight_layout()
+        plt.show()
+        return fig
+
     def show(self) -> None:
-        """Display the panel and draw the first setting (the static output a headless run keeps)."""
+        """Display the panel in a live frontend; headless (papermill, nbconvert) show the first setting statically."""
         from IPython.display import display
 
-        display(self.panel)
-        self.update()
+        if interactive_frontend():
+            display(self.panel)
+            self.update()
+        else:
+            self.update()
+            self.figure(self.examples[self.example.value])
+
+
+def interactive_frontend() -> bool:
+    """True in a kernel started by a Jupyter server (JupyterLab/Notebook) or VS Code, False under papermill."""
+    return any(name in os.environ for name in ("JPY_SESSION_NAME", "VSCODE_PID"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
 tiny.offline_env()
+os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(1)
 
 

@@ -1,0 +1,197 @@
+"""Fast tests of the shapes world data, the shapes-llava tokenizer/processor and (if present) the shipped checkpoint."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shapes_world import world
+
+GQA_COLUMNS = [
+    "question_id", "img_id", "task", "question", "answer", "true option", "false option",
+    "central object name", "central object x", "central object y", "central object w", "central object h",
+    "object1 name", "object1 x", "object1 y", "object1 w", "object1 h",
+    "object2 name", "object2 x", "object2 y", "object2 w", "object2 h",
+    "image_w", "image_h", "image",
+]  # fmt: skip
+CHECKPOINT = Path(world.__file__).parent / "shapes-llava"
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return world.make_dataset(24, seed=123)
+
+
+def examples(task: str, n: int = 60) -> list[world.Example]:
+    return [world.sample(task, (99, i)) for i in range(n)]
+
+
+def test_schema(dataset):
+    assert dataset.column_names == GQA_COLUMNS
+    assert dataset.features["image"].__class__.__name__ == "Image"
+    assert len(set(dataset["question_id"])) == len(dataset)
+    assert set(dataset["task"]) == set(world.TASKS)
+    for row in dataset:
+        assert row["image"].mode == "RGB" and row["image"].size == (row["image_w"], row["image_h"]) == (64, 64)
+        assert row["answer"] == row["answer"].lower() and len(row["answer"].split()) == 1
+        choose = row["task"].startswith("Choose")
+        assert (row["true option"] is not None) == choose and (row["false option"] is not None) == choose
+        if choose:
+            assert row["true option"] == row["answer"] != row["false option"]
+        central = row["task"] in ("ChooseAttr", "ChooseCat", "QueryAttr")
+        assert (row["central object name"] is not None) == central
+        assert (row["object1 name"] is not None) == (not central)
+        if central:
+            assert isinstance(row["central object x"], float) and row["central object w"] > 0
+        elif row["task"] != "LogicalObj":
+            assert row["object1 w"] > 0 and row["object2 w"] > 0
+
+
+def test_determinism(dataset):
+    again = world.make_dataset(24, seed=123)
+    other = world.make_dataset(24, seed=124)
+    for a, b in zip(dataset, again):
+        assert {k: v for k, v in a.items() if k != "image"} == {k: v for k, v in b.items() if k != "image"}
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert dataset["question"] != other["question"]
+
+
+def test_eval_split_is_answer_balanced():
+    ds = world.make_dataset(24).select_columns(["task", "answer"])
+    for task in world.TASKS:
+        counts = Counter(r["answer"] for r in ds if r["task"] == task)
+        if task == "ChooseAttr":
+            assert counts["metal"] == counts["rubber"] and counts["small"] == counts["large"]
+        else:
+            assert len(set(counts.values())) == 1, (task, counts)
+
+
+@pytest.mark.parametrize("task", world.TASKS)
+def test_boxes_are_tight_and_coloured(task):
+    background = np.array(world.BACKGROUND, dtype=float)
+    for ex in examples(task, 15):
+        pixels = np.asarray(ex.image, dtype=float)
+        foreground = np.abs(pixels - background).max(axis=-1) > 6 * world.NOISE_STD
+        covered = np.zeros_like(foreground)
+        for obj in ex.objects:
+            x, y, w, h = (int(v) for v in ex.boxes[obj.shape])
+            box = foreground[y : y + h, x : x + w]
+            covered[y : y + h, x : x + w] = True
+            # tight: every border row and column of the box holds object pixels
+            assert box[0].any() and box[-1].any() and box[:, 0].any() and box[:, -1].any()
+            # inside its grid cell, hence in one image half
+            assert x // world.CELL == obj.cell[0] == (x + w - 1) // world.CELL
+            # the object's pixels have the object's colour (nearest palette colour by chromaticity)
+            mean = pixels[y : y + h, x : x + w][box].mean(axis=0)
+            chroma = {name: np.array(rgb) / np.linalg.norm(rgb) for name, rgb in world.COLORS.items()}
+            nearest = min(chroma, key=lambda name: np.linalg.norm(mean / np.linalg.norm(mean) - chroma[name]))
+            assert nearest == obj.color
+        # outside the boxes the image is background (plus noise)
+        assert not foreground[~covered].any()
+
+
+def by_shape(ex: world.Example) -> dict[str, world.Obj]:
+    return {o.shape: o for o in ex.objects}
+
+
+def test_choose_attr_answers():
+    for ex in examples("ChooseAttr"):
+        obj = by_shape(ex)[ex.roles["central object"]]
+        values = {obj.color, obj.material, obj.size}
+        assert ex.answer in values and ex.false_option not in values
+        assert ex.question == f"Is the {obj.shape} {ex.answer} or {ex.false_option}?" or ex.question == (
+            f"Is the {obj.shape} {ex.false_option} or {ex.answer}?"
+        )
+
+
+def test_choose_cat_answers():
+    for ex in examples("ChooseCat"):
+        value = ex.question.split(",")[0].split()[-1]
+        holders = [o.shape for o in ex.objects if value in (o.color, o.material, o.size)]
+        assert holders == [ex.answer] and ex.false_option in by_shape(ex)
+
+
+def test_choose_rel_answers():
+    for ex in examples("ChooseRel"):
+        subject, reference = by_shape(ex)[ex.roles["object2"]], by_shape(ex)[ex.roles["object1"]]
+        assert subject.side != reference.side and subject.side == ex.answer
+        sx, rx = ex.boxes[subject.shape][0], ex.boxes[reference.shape][0]
+        assert (sx < rx) == (ex.answer == "left")
+
+
+def test_compare_attr_answers():
+    for ex in examples("CompareAttr"):
+        a, b = by_shape(ex)[ex.roles["object1"]], by_shape(ex)[ex.roles["object2"]]
+        assert [n for n in world.ATTRIBUTES if a.attribute(n) == b.attribute(n)] == [ex.answer]
+
+
+def test_logical_obj_answers():
+    for ex in examples("LogicalObj", 100):
+        words = ex.question.rstrip("?").split()
+        first, second, value = words[3][:-1], words[5][:-1], words[-1]
+        assert {first, second} == {ex.roles["object1"], ex.roles["object2"]}
+        exists = any(o.shape in (first, second) and value in (o.color, o.material, o.size) for o in ex.objects)
+        assert ex.answer == ("yes" if exists else "no")
+
+
+def test_logical_obj_boxes_only_for_present_objects():
+    for i in range(40):
+        ex = world.sample("LogicalObj", (98, i))
+        row = world.example_row(ex, "q", "i")
+        for prefix in ("object1", "object2"):
+            present = row[f"{prefix} name"] in by_shape(ex)
+            assert all((row[f"{prefix} {c}"] is not None) == present for c in world.BOX_COLUMNS)
+        assert ex.answer == "no" or row["object1 x"] is not None or row["object2 x"] is not None
+
+
+def test_query_attr_answers(dataset):
+    for row in dataset.filter(lambda r: r["task"] == "QueryAttr"):
+        centre = row["central object x"] + row["central object w"] / 2
+        assert ("left" if centre < row["image_w"] / 2 else "right") == row["answer"]
+
+
+def test_blank_image_has_no_objects():
+    pixels = np.asarray(world.blank_image(3), dtype=float)
+    assert np.abs(pixels - np.array(world.BACKGROUND)).max() < 6 * world.NOISE_STD
+
+
+def test_processor_and_tokenizer():
+    from shapes_world.train import build_processor
+
+    processor = build_processor()
+    tok = processor.tokenizer
+    ex = world.sample("ChooseAttr", (5, 5))
+    text = world.prompt(ex.question)
+    inputs = processor(text=[text], images=[ex.image], return_tensors="pt")
+    tokens = tok.convert_ids_to_tokens(inputs["input_ids"][0])
+    assert tokens[0] == "<s>" and tokens[-2:] == ["ASSISTANT", ":"]
+    assert tokens.count("<image>") == 16 and "\n" in tokens and "<unk>" not in tokens
+    assert tok.convert_tokens_to_ids("Red") != tok.convert_tokens_to_ids("red")
+    assert tok.eos_token == "</s>" and tok.bos_token == "<s>"
+    assert getattr(processor, "chat_template", None) is None
+    enc = tok(text, return_offsets_mapping=True)
+    for token, (start, end) in zip(tok.convert_ids_to_tokens(enc["input_ids"]), enc["offset_mapping"]):
+        if token != "<s>":
+            assert text[start:end] == token
+
+
+@pytest.mark.skipif(not (CHECKPOINT / "config.json").exists(), reason="no trained checkpoint")
+def test_checkpoint_loads_and_answers_with_a_single_word():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from shapes_world.evaluate import first_token_predictions
+
+    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
+    processor = AutoProcessor.from_pretrained(CHECKPOINT)
+    assert model.config.text_config.num_hidden_layers >= 8
+    assert sum(f.stat().st_size for f in CHECKPOINT.iterdir()) <= 20 * 2**20
+    ex = world.sample("QueryAttr", (5, 6))
+    predictions = first_token_predictions(model, processor, [ex.question], [ex.image])
+    with torch.no_grad():
+        inputs = processor(text=[world.prompt(ex.question)], images=[ex.image], return_tensors="pt")
+        assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+    assert predictions[0] in processor.tokenizer.get_vocab()

@@ -91,8 +91,8 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
     except (OSError, ValueError) as err:
-        if isinstance(err, MmflowError):
-            raise
+        if Path(path).expanduser().is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
+            raise MmflowError(f"Model folder {path} not found (or it holds no config.json)") from err
         raise MmflowError(
             f"Model '{name_or_path}' is not available: no local folder of that name and not in the Hugging Face "
             f"cache ({err.__class__.__name__}). Download it where there is network, e.g. "

@@ -2,7 +2,7 @@
 
 (a) a random model with LLaVA-1.5 geometry (336 px, patch 14, 576 image tokens, 32 layers, reduced width) and
 (b) the embedded shapes-llava model, for Question->Last, Image->Last, Last->Last and Image->Question. Prints a
-table (time per sweep, speed-up, peak memory above the resting process, max |delta p|), the bf16 difference between
+table (time per sweep, speed-up, max |delta p|), each engine's peak memory (fresh process), the bf16 difference between
 engines as information, and a last line
 
     bench: to_last_speedup=<x> image_question_speedup=<x> example_speedup=<x> max_abs_diff=<y>
@@ -13,7 +13,8 @@ for model (a) (targets: >= 100, >= 10, >= 25, <= 1e-5).
 from __future__ import annotations
 
 import argparse
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,34 +26,30 @@ import mmflow_utils as mu
 FLOWS = ["Question->Last", "Image->Last", "Last->Last", "Image->Question"]
 
 
-class PeakRSS:
-    """Peak resident memory (MiB) above the level at entry, sampled every 2 ms from /proc."""
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
 
-    def __enter__(self) -> "PeakRSS":
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
 
-    @staticmethod
-    def _rss() -> float:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * 4096 / 2**20
+def peak_memory(engine: str, layers: int) -> float:
+    """Peak resident memory (MiB) of one engine's sweeps of the four flows above the warmed-up model, measured in a
+    fresh process (the allocator of a long-lived one reuses freed memory and hides peaks)."""
+    out = subprocess.run([sys.executable, __file__, "--memory-engine", engine, "--layers", str(layers)],
+                         check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def above_start(self) -> float:
-        return self.peak - self.start
+def _measure_memory(engine: str, layers: int) -> None:
+    model, encoded = llava15_geometry_model(layers)
+    with torch.inference_mode():
+        mu.clean_run(model, encoded, keep_cache=True)  # warm up: weights touched, first allocations made
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
+    base = _status_mib("VmRSS")
+    centres = None if engine == "fast" else [layers // 2]  # naive windows are independent: one has the peak
+    mu.knockout_sweep(model, encoded, FLOWS, 9, engine, layers=centres)
+    print(_status_mib("VmHWM") - base)
 
 
 def llava15_geometry_model(layers: int = 32, hidden: int = 256, vocab: int = 32064, seed: int = 0):
@@ -67,47 +64,46 @@ def llava15_geometry_model(layers: int = 32, hidden: int = 256, vocab: int = 320
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(config).eval()
-    text_ids = torch.randint(3, vocab - 2, (39,))
+    text_ids = torch.randint(3, vocab - 2, (3 + 1 + 14 + 20,))
     ids = torch.cat([torch.tensor([1]), text_ids[:3], torch.full((576,), image_token), text_ids[3:]])[None]
+    assert ids.shape[1] == 615
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 336, 336)}
-    groups = {"image": list(range(4, 580)), "question": list(range(581, 595)), "last": [614]}
+    groups = {"image": list(range(4, 580)), "question": list(range(581, 595)), "last": [ids.shape[1] - 1]}
     return model, mu.Encoded(inputs=inputs, groups=groups, prompt="")
 
 
 def timed(fn):
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - start
-    return result, seconds, mem.above_start
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
 
 
 def compare(name: str, model, encoded, window: int) -> dict[str, float]:
     """Time each flow's sweep with both engines, plus one whole example (4 flows + clean run) per engine."""
     print(f"\n== {name}: {mu.num_layers(model)} layers, sequence {encoded.length}, window k={window}")
-    print(f"{'flow':<18}{'naive s':>9}{'fast s':>9}{'speed-up':>10}{'naive MiB':>11}{'fast MiB':>10}{'max|dp|':>11}")
+    print(f"{'flow':<18}{'naive s':>9}{'fast s':>9}{'speed-up':>10}{'max|dp|':>11}")
     stats: dict[str, float] = {}
     max_diff = 0.0
     for flow in FLOWS:  # the sweeps alone: the clean run is shared by all flows of an example
         with torch.inference_mode():
             clean, cached = mu.clean_run(model, encoded), mu.clean_run(model, encoded, keep_cache=True)
-        naive, t_naive, m_naive = timed(lambda: mu.knockout_sweep(model, encoded, [flow], window, "naive", clean=clean))
-        fast, t_fast, m_fast = timed(lambda: mu.knockout_sweep(model, encoded, [flow], window, "fast", clean=cached))
+        naive, t_naive = timed(lambda: mu.knockout_sweep(model, encoded, [flow], window, "naive", clean=clean))
+        fast, t_fast = timed(lambda: mu.knockout_sweep(model, encoded, [flow], window, "fast", clean=cached))
         diff = float((naive.p_new - fast.p_new).abs().max())
         max_diff = max(max_diff, diff)
         stats[flow] = t_naive / t_fast
-        print(f"{flow:<18}{t_naive:9.2f}{t_fast:9.3f}{t_naive / t_fast:10.1f}{m_naive:11.1f}{m_fast:10.1f}{diff:11.2e}")
+        print(f"{flow:<18}{t_naive:9.2f}{t_fast:9.3f}{t_naive / t_fast:10.1f}{diff:11.2e}")
 
     def naive_example():
         with torch.inference_mode():
             mu.clean_run(model, encoded)
         return [mu.knockout_sweep(model, encoded, [flow], window, "naive") for flow in FLOWS]
 
-    _, t_naive, m_naive = timed(naive_example)
-    _, t_fast, m_fast = timed(lambda: mu.knockout_sweep(model, encoded, FLOWS, window, "fast"))
+    _, t_naive = timed(naive_example)
+    _, t_fast = timed(lambda: mu.knockout_sweep(model, encoded, FLOWS, window, "fast"))
     stats["example"] = t_naive / t_fast
     stats["max_abs_diff"] = max_diff
-    print(f"{'example (4+clean)':<18}{t_naive:9.2f}{t_fast:9.3f}{t_naive / t_fast:10.1f}{m_naive:11.1f}{m_fast:10.1f}")
+    print(f"{'example (4+clean)':<18}{t_naive:9.2f}{t_fast:9.3f}{t_naive / t_fast:10.1f}")
     return stats
 
 
@@ -124,8 +120,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32, help="depth of the LLaVA-1.5-geometry model")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory-engine", choices=mu.ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_engine:
+        return _measure_memory(args.memory_engine, args.layers)
 
     model, encoded = llava15_geometry_model(args.layers)
     a = compare("(a) random LLaVA-1.5 geometry", model, encoded, window=9)
@@ -134,6 +133,9 @@ def main() -> None:
     example = next(e for e in mu.load_examples(n=1, tasks=["ChooseAttr"]))
     compare("(b) embedded shapes-llava", run.model, run.encode(example), mu.default_window(mu.num_layers(run.model)))
 
+    memory = {engine: peak_memory(engine, args.layers) for engine in mu.ENGINES}
+    print("\npeak memory above the loaded model, model (a), four flows: "
+          + ", ".join(f"{engine} {mib:.0f} MiB" for engine, mib in memory.items()))
     bf16 = bf16_difference(model, encoded, 9, layers=[0, args.layers // 3, args.layers // 2, args.layers - 1])
     print(f"\nbf16 (information): max |delta relative change| between engines on model (a) = {bf16:.3f} percentage points")
     to_last = min(a[f] for f in FLOWS[:3])

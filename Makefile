@@ -33,7 +33,7 @@ reproduce: $(STAMP)
 	@mkdir -p $(EXECUTED) $(OUT)
 	@set -e; for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \
-	  $(PY) -m papermill --kernel mmflow --progress-bar notebooks/$$nb.ipynb $(EXECUTED)/$$nb.ipynb \
+	  $(PY) -m papermill --kernel mmflow --progress-bar --cwd notebooks notebooks/$$nb.ipynb $(EXECUTED)/$$nb.ipynb \
 	    -p model "$(MODEL)" -p data "$(DATA)" -p images "$(IMAGES)" -p device "$(DEVICE)" -p dtype "$(DTYPE)" \
 	    -p n_per_task $(N) -p out_dir "$(abspath $(OUT))" \
 	    || { echo "make reproduce: notebook $$nb failed (see the cell named above; executed copy in $(EXECUTED)/$$nb.ipynb)"; exit 1; }; \

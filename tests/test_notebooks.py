@@ -39,6 +39,15 @@ def test_notebook_writes_its_figures(executed, name):
         assert not pd.read_csv(executed / "figures" / f"{figure}.csv").empty
 
 
+def test_rerun_gives_identical_csvs(executed, tmp_path):
+    """A second run from scratch (fresh result cache) writes byte-identical CSVs."""
+    pm.execute_notebook(NOTEBOOKS / "2_image_to_question.ipynb", tmp_path / "again.ipynb", kernel_name="python3",
+                        cwd=str(NOTEBOOKS), progress_bar=False,
+                        parameters={"smoke": True, "out_dir": str(tmp_path / "figures"), "cache_dir": str(tmp_path / "results")})
+    name = "fig2_image_to_question.csv"
+    assert (tmp_path / "figures" / name).read_bytes() == (executed / "figures" / name).read_bytes()
+
+
 def test_notebooks_have_plain_parameters_cells():
     import nbformat
 
@@ -50,7 +59,7 @@ def test_notebooks_have_plain_parameters_cells():
 
 
 def test_failing_notebook_names_the_cell(tmp_path):
-    with pytest.raises(pm.PapermillExecutionError, match="Unknown task"):
+    with pytest.raises(pm.PapermillExecutionError, match=r'(?s)Exception encountered at "In \[\d+\]".*Unknown task'):
         pm.execute_notebook(NOTEBOOKS / "2_image_to_question.ipynb", tmp_path / "out.ipynb", kernel_name="python3",
                             cwd=str(NOTEBOOKS), progress_bar=False,
                             parameters={"smoke": True, "tasks": ["CountObj"], "out_dir": str(tmp_path)})

@@ -19,8 +19,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
-    """Folders of tiny checkpoints: llava (crop), llava_pad (pad-to-square), llava_next (anyres), llava_sp
-    (SentencePiece tokenizer)."""
+    """Folders of tiny checkpoints: llava (crop), llava_pad (pad-to-square), llava_next (anyres), *_sp (real
+    SentencePiece tokenizer), llava_next_gqa (grouped-query attention backbone, as Mistral / Llama-3)."""
     root = tmp_path_factory.mktemp("tiny")
     sp = tiny.sentencepiece_tokenizer(root / "sp_tok")
     return {
@@ -29,6 +29,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
         "llava_next": tiny.build_tiny(root / "llava_next", "llava_next"),
         "llava_sp": tiny.build_tiny(root / "llava_sp", "llava", tokenizer=sp),
         "llava_next_sp": tiny.build_tiny(root / "llava_next_sp", "llava_next", tokenizer=sp),
+        "llava_next_gqa": tiny.build_tiny(root / "llava_next_gqa", "llava_next", num_key_value_heads=2),
     }
 
 

@@ -20,7 +20,7 @@ def encoded_example(model, processor, size=(90, 60)):
     return enc
 
 
-@pytest.mark.parametrize("name", ["llava", "llava_next", "llava_next_sp"])
+@pytest.mark.parametrize("name", ["llava", "llava_next", "llava_next_sp", "llava_next_gqa"])
 @pytest.mark.parametrize("window,budget", [(3, 16), (9, 256)])
 def test_fast_equals_naive(loaded, name, window, budget):
     model, processor = loaded(name)

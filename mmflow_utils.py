@@ -13,7 +13,6 @@ Shutova; CVPR 2025). One small module that the notebooks import:
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import csv
 import hashlib
@@ -516,6 +515,13 @@ def flow_positions(flow: str | tuple[Any, Any], groups: Mapping[str, Sequence[in
     return sources, targets
 
 
+def has_empty_group(flow: str | tuple[Any, Any], groups: Mapping[str, Sequence[int]]) -> bool:
+    """True if a named flow's source or target group exists but is empty for this example (e.g. no related
+    patches because the question's objects are not in the image)."""
+    parts = FLOWS.get(flow, flow.split("->", 1)) if isinstance(flow, str) else flow
+    return any(isinstance(p, str) and p.strip() in groups and not groups[p.strip()] for p in parts)
+
+
 def window_layers(centre: int, k: int, n_layers: int) -> range:
     """The paper's window of ``k`` layers centred on ``centre``, truncated (not shifted) at the edges."""
     return range(max(0, centre - k // 2), min(n_layers, centre - (-k // 2)))
@@ -890,11 +896,13 @@ class Run:
         def compute(example: Example) -> dict[str, Any]:
             encoded = self.encode(example, patches)
             status = self._check(example, encoded)
+            skipped = [f for f in flows if has_empty_group(f, encoded.groups)]
             rows = []
-            if status["correct"]:
-                rows = knockout_sweep(self.model, encoded, flows, window, engine, example_id=example.example_id)
+            if status["correct"] and len(skipped) < len(flows):
+                usable = [f for f in flows if f not in skipped]
+                rows = knockout_sweep(self.model, encoded, usable, window, engine, example_id=example.example_id)
                 rows = rows.assign(task=example.task).to_dict("records")
-            return {**status, "rows": rows}
+            return {**status, "skipped_flows": skipped, "rows": rows}
 
         run_cached(examples, compute, self.cache_dir, key, shard, desc="knockout")
         return self._frames(examples, key, shard)

@@ -117,6 +117,15 @@ def test_correctness_filter_and_resume(run, monkeypatch):
     assert len(calls) == 1 and rows2.equals(rows) and status2.equals(status)
 
 
+def test_flows_with_an_empty_group_are_skipped_per_example(run):
+    examples = examples_for(run, 2)
+    examples[1].boxes = []  # its objects are not in the image: no related patches
+    rows, status = run.knockout(examples, list(mu.PATCH_FLOWS), window=3)
+    assert status.skipped_flows.tolist() == [[], ["Related patches->Question"]]
+    kept = rows.groupby("example_id").flow.unique().map(sorted).to_dict()
+    assert kept == {"ex0": sorted(mu.PATCH_FLOWS), "ex1": ["Other patches->Question"]}
+
+
 def test_shards_split_and_merge(run):
     examples = examples_for(run)
     flows = ["Question->Last"]

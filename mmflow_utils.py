@@ -586,9 +586,11 @@ def knockout_attention(model: Any) -> Iterator[str]:
         model.set_attn_implementation({"text_config": previous})
 
 
-def _block(q_rows: Sequence[int], k_cols: Sequence[int], q_len: int, kv_len: int, device) -> torch.Tensor:
+def _block(edges: Iterable[tuple[Sequence[int], Sequence[int]]], q_len: int, kv_len: int, device: Any) -> torch.Tensor:
+    """A (1, 1, q_len, kv_len) bool mask cutting every (query row, key column) of each (rows, cols) pair."""
     block = torch.zeros(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
-    block[0, 0, torch.tensor(q_rows)[:, None], torch.tensor(k_cols)[None, :]] = True
+    for rows, cols in edges:
+        block[0, 0, torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = True
     return block
 
 
@@ -617,7 +619,7 @@ def clean_run(model: Any, encoded: Encoded, keep_cache: bool = False) -> Clean:
 def _naive_sweep(model, encoded, sources, targets, windows, answer) -> list[float]:
     """The paper's method: one full forward (vision tower included) per window."""
     n = encoded.length
-    block = _block(targets, sources, n, n, model.device)
+    block = _block([(targets, sources)], n, n, model.device)
     probs = []
     for layers in windows:
         out = model(**encoded.inputs, use_cache=False, logits_to_keep=1, knockout=Knockout({j: block for j in layers}))
@@ -657,14 +659,10 @@ def _fast_sweep(model, clean: Clean, base: str, sources, targets, windows, answe
             allowed[0, 0, w * s:(w + 1) * s, t0 + w * s:t0 + (w + 1) * s] = causal
             rows_of.append([w * s + (t - t0) for t in targets])
             cols_of.append([c if c < t0 else t0 + w * s + (c - t0) for c in sources])
-        blocks = {}
-        for layer in sorted({j for layers in chunk for j in layers}):
-            block = torch.zeros(1, 1, q_len, kv_len, dtype=torch.bool, device=suffix.device)
-            for w, layers in enumerate(chunk):
-                if layer in layers:
-                    block[0, 0, torch.tensor(rows_of[w])[:, None], torch.tensor(cols_of[w])[None, :]] = True
-            blocks[layer] = block
-        mask = allowed if base == "sdpa" else torch.zeros(allowed.shape, dtype=suffix.dtype).masked_fill(
+        blocks = {layer: _block([(rows_of[w], cols_of[w]) for w, layers in enumerate(chunk) if layer in layers],
+                                q_len, kv_len, suffix.device)
+                  for layer in sorted({j for layers in chunk for j in layers})}
+        mask = allowed if base == "sdpa" else torch.zeros(allowed.shape, dtype=suffix.dtype, device=suffix.device).masked_fill(
             ~allowed, torch.finfo(suffix.dtype).min)
         out = model(
             inputs_embeds=suffix.repeat(1, g, 1),

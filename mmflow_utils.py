@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1039,7 +1040,8 @@ def plot_patch_overlay(run: Run, example: Example, ax: Any = None) -> Any:
         color = "red" if label == RELATED else "tab:blue"
         ax.add_patch(Rectangle((c * cell, r * cell), cell, cell, facecolor=color, alpha=0.35 if label == RELATED else 0.12,
                                edgecolor=color, lw=0.5))
-    ax.set_title(f"{example.task}: {example.question}\n(answer: {example.answer}; red = related patches)", fontsize=8)
+    title = textwrap.fill(f"{example.task}: {example.question}", 45)
+    ax.set_title(f"{title}\n(answer: {example.answer}; red = related patches)", fontsize=8)
     ax.axis("off")
     return ax
 

@@ -195,3 +195,9 @@ def test_checkpoint_loads_and_answers_with_a_single_word():
         inputs = processor(text=[world.prompt(ex.question)], images=[ex.image], return_tensors="pt")
         assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
     assert predictions[0] in processor.tokenizer.get_vocab()
+    from shapes_world.train import build_processor
+
+    fresh, text = build_processor().tokenizer, world.prompt(ex.question)
+    loaded = processor.tokenizer(text, return_offsets_mapping=True)
+    assert loaded["input_ids"] == fresh(text)["input_ids"]
+    assert loaded["offset_mapping"] == fresh(text, return_offsets_mapping=True)["offset_mapping"]

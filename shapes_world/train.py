@@ -1,0 +1,565 @@
+"""Train shapes-llava, a tiny LLaVA-1.5 stand-in, from scratch on the shapes world (CPU, one thread).
+
+Run ``python -m shapes_world.train``. The run is deterministic by ``--seed`` and resumable: it writes its full state
+to ``shapes_world/train_state/`` every ``--save-every`` steps and continues from there when restarted. Whenever the
+held-out development accuracy improves, and at the end, the model and processor are exported with
+``save_pretrained`` to ``shapes_world/shapes-llava/`` together with ``training_log.json``.
+
+Model: a real ``LlavaForConditionalGeneration``: a 2-layer CLIP vision tower (hidden 128, 16-px patches on 64x64
+images, so 4x4 = 16 image tokens), LLaVA's 2-layer GELU projector, and an 8-layer Llama (hidden 128, 4 heads,
+MLP 512, untied embeddings, ``initializer_range = 1/sqrt(128)``). Processor: ``LlavaProcessor`` with a
+``CLIPImageProcessorPil`` and a word-level tokenizer (``<s>``/``</s>``, ``<image>`` added special token, ``\\n`` a
+token, Capitalized answer words distinct from lowercase ones), no chat template.
+
+Training has two stages, mirroring LLaVA's recipe at toy scale:
+
+1. **Alignment** (stand-in for CLIP pretraining + LLaVA stage 1): the vision tower and projector are trained to map
+   every patch onto the sum of the LM's (initial) word embeddings of what the patch shows: for an object cell
+   ``E[shape] + E[color] + E[material] + E[size] + E[left|right]``, for a background cell ``E[background]`` (MSE plus
+   a cross-entropy that classifies each attribute by the nearest word embedding, since background cells dominate
+   the MSE). Image tokens therefore start out "word-like", which is what makes question-to-image lookups learnable.
+2. **Instruction tuning**: tower, projector and the LM's input embeddings are frozen (so image tokens stay the
+   aligned sums of word embeddings); the LM layers and LM head are trained on single-turn VQA in the exact
+   evaluation prompt, ``USER: <image>\\n{question}\\nAnswer the question using a single word or phrase. ASSISTANT:``
+   with target `` {Answer}</s>`` (Capitalized, as LLaVA-1.5 answers). A per-family **curriculum with replay** adds the
+   six families one at a time (simple lookups first); a family is unlocked when all active families reach
+   ``--unlock-acc`` on a development split or after ``--patience`` steps, and active families are sampled with
+   weight ``0.1 + (1 - accuracy)``, so learnt families keep being replayed.
+
+**Grounding sentences (deliberate design choice).** With an answer-only loss the lowercase answer words (``red``,
+``left``, ``yes``, ``color``...) are never outputs, so their probability is ~0 at every layer and the paper's
+"lowercase answer first, Capitalized answer last" logit-lens analysis is meaningless. Therefore, in a fraction
+``--p-describe`` of the batches, every answer is followed by a second turn
+``USER: Describe the image. ASSISTANT: ...`` whose reply consists of lowercase grounding sentences with LM loss, e.g. ``the circle is red metal small on the left .``,
+``the circle and the square share the color .`` and ``are there red circles ? yes .``. Every lowercase answer word
+of the six families is thus an output in some context, while the evaluated first turn never sees this text. From
+step ``--attribute-keyed-from`` on (a curriculum stage added after the shape-keyed families were learnt and the
+attribute-keyed ones, ChooseCat and LogicalObj, had plateaued at chance), the replies also contain sentences that
+look objects up by an attribute value: ``the red shape is the circle .`` and
+``are there either circles or squares that are red ? no .``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from tqdm import tqdm
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from shapes_world import world
+from shapes_world.evaluate import first_token_accuracy
+
+PACKAGE_DIR = Path(__file__).parent
+STATE_DIR = PACKAGE_DIR / "train_state"
+EXPORT_DIR = PACKAGE_DIR / "shapes-llava"
+
+# Families in curriculum order: direct lookups first, then relations, inverse lookups and two-object reasoning.
+CURRICULUM = ("ChooseAttr", "QueryAttr", "ChooseRel", "ChooseCat", "LogicalObj", "CompareAttr")
+DEV_SEED = 4242  # development split for the curriculum and checkpoint selection; disjoint from world.EVAL_SEED
+
+HIDDEN = 128
+DESCRIBE_TURN = "USER: Describe the image. ASSISTANT:"
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def vocabulary() -> list[str]:
+    """All words of the prompts, questions, answers and grounding sentences (plus Capitalized answer words)."""
+    words = set(
+        "user assistant answer the question using a single word or phrase describe image is which shape to of what do "
+        "and have in common are there either that part on share background".split()
+    )
+    words |= {"USER", "ASSISTANT", "Answer", "Describe", "Is", "Which", "What", "Are", "In"}
+    answers = set(world.SHAPES) | set(world.COLORS) | set(world.MATERIALS) | set(world.SIZES) | set(world.SIDES)
+    answers |= set(world.ATTRIBUTES) | {"yes", "no"}
+    words |= answers | {a.capitalize() for a in answers} | {s + "s" for s in world.SHAPES}
+    return sorted(words) + ["?", ",", ".", ":", "\n"]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: whitespace-separated words and isolated punctuation, ``\\n`` kept, ``<s>`` prepended."""
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    vocab = {tok: i for i, tok in enumerate(specials + vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex("[ ]+"), "removed"), pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n"), "isolated")]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def build_processor() -> LlavaProcessor:
+    """LlavaProcessor whose ``<image>`` expansion (16 tokens) matches the model's feature count."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": world.IMAGE_SIZE},
+        crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=world.CELL,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForConditionalGeneration:
+    """A freshly initialised tiny LLaVA (seeded)."""
+    torch.manual_seed(seed)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=4 * HIDDEN,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        initializer_range=1 / math.sqrt(HIDDEN),
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=4 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=world.IMAGE_SIZE,
+        patch_size=world.CELL,
+        projection_dim=HIDDEN,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# ------------------------------------------------------------------------------------ grounding sentences
+
+
+def describe(example: world.Example, rng: np.random.Generator, attribute_keyed: bool) -> str:
+    """Lowercase grounding sentences about the example's scene (objects in random order).
+
+    With ``attribute_keyed``, sentences that look objects up by an attribute value are added as well
+    (``the red shape is the circle .``, ``are there either circles or squares that are red ? no .``).
+    """
+    objects = list(example.objects)
+    sentences = []
+    for k in rng.permutation(len(objects)):
+        o = objects[int(k)]
+        sentences.append(f"the {o.shape} is {o.color} {o.material} {o.size} on the {o.side} .")
+    a, b = (objects[int(k)] for k in rng.permutation(len(objects))[:2])
+    shared = [name for name in world.ATTRIBUTES if a.attribute(name) == b.attribute(name)]
+    if len(shared) == 1:
+        sentences.append(f"the {a.shape} and the {b.shape} share the {shared[0]} .")
+    probe = objects[int(rng.integers(len(objects)))]
+    shape = probe.shape if rng.random() < 0.5 else str(rng.choice(world.SHAPES))
+    attribute = str(rng.choice(list(world.ATTRIBUTES)))
+    value = probe.attribute(attribute)
+    exists = any(o.shape == shape and o.attribute(attribute) == value for o in objects)
+    sentences.append(f"are there {value} {shape}s ? {'yes' if exists else 'no'} .")
+    if attribute_keyed:
+        sentences += attribute_keyed_sentences(objects, rng)
+    return " ".join(sentences)
+
+
+def attribute_keyed_sentences(objects: list[world.Obj], rng: np.random.Generator) -> list[str]:
+    """Sentences naming the shape of every object singled out by an attribute value, plus one either/or query."""
+    sentences = []
+    attribute = str(rng.choice(list(world.ATTRIBUTES)))
+    for k in rng.permutation(len(objects)):
+        value = objects[int(k)].attribute(attribute)
+        if sum(o.attribute(attribute) == value for o in objects) == 1:
+            sentences.append(f"the {value} shape is the {objects[int(k)].shape} .")
+    first, second = (str(s) for s in rng.permutation(world.SHAPES)[:2])
+    value = objects[int(rng.integers(len(objects)))].attribute(str(rng.choice(list(world.ATTRIBUTES))))
+    exists = any(o.shape in (first, second) and value in (o.color, o.material, o.size) for o in objects)
+    sentences.append(f"are there either {first}s or {second}s that are {value} ? {'yes' if exists else 'no'} .")
+    return sentences
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+
+@dataclass
+class Batch:
+    """Model inputs plus per-token loss weights (0 on prompt tokens)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    weights: torch.Tensor
+
+
+def image_token_count(processor: LlavaProcessor) -> int:
+    """Number of ``<image>`` tokens the processor expands one image into."""
+    return (world.IMAGE_SIZE // processor.patch_size) ** 2 + processor.num_additional_image_tokens - 1
+
+
+def encode_sequence(processor: LlavaProcessor, example: world.Example, description: str | None, desc_weight: float):
+    """Token ids and loss weights of one training sequence (prompt expanded exactly as the processor does)."""
+    tok = processor.tokenizer
+    text = world.prompt(example.question).replace("<image>", "<image>" * image_token_count(processor))
+    ids = tok(text).input_ids
+    weights = [0.0] * len(ids)
+    answer = tok(f" {example.answer.capitalize()}</s>", add_special_tokens=False).input_ids
+    ids += answer
+    weights += [1.0 / len(answer)] * len(answer)
+    if description is not None:
+        turn = tok(DESCRIBE_TURN, add_special_tokens=False).input_ids
+        reply = tok(f" {description}</s>", add_special_tokens=False).input_ids
+        ids += turn + reply
+        weights += [0.0] * len(turn) + [desc_weight] * len(reply)
+    return ids, weights
+
+
+def collate(processor: LlavaProcessor, examples: list[world.Example], descriptions: list, desc_weight: float) -> Batch:
+    """Right-padded batch of training sequences."""
+    encoded = [encode_sequence(processor, ex, d, desc_weight) for ex, d in zip(examples, descriptions)]
+    length = max(len(ids) for ids, _ in encoded)
+    pad = processor.tokenizer.pad_token_id
+    input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
+    attention = torch.zeros((len(encoded), length), dtype=torch.long)
+    weights = torch.zeros((len(encoded), length))
+    for i, (ids, w) in enumerate(encoded):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        weights[i, : len(w)] = torch.tensor(w)
+    pixels = processor.image_processor([ex.image for ex in examples], return_tensors="pt")["pixel_values"]
+    return Batch(input_ids, attention, pixels, weights)
+
+
+def weighted_lm_loss(model: LlavaForConditionalGeneration, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy weighted per target token, averaged over sequences."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values).logits
+    targets = batch.input_ids[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+    return (nll * batch.weights[:, 1:]).sum() / batch.input_ids.shape[0]
+
+
+# ------------------------------------------------------------------------------------- stage 1: alignment
+
+
+ALIGN_GROUPS = (world.SHAPES + ("background",), tuple(world.COLORS), world.MATERIALS, world.SIZES, world.SIDES)
+
+
+def patch_targets(model: LlavaForConditionalGeneration, tokenizer, scene: tuple[world.Obj, ...]) -> torch.Tensor:
+    """[16, hidden] target image tokens: sums of the word embeddings of each cell's contents."""
+    emb = model.get_input_embeddings().weight.detach()
+
+    def e(word: str) -> torch.Tensor:
+        return emb[tokenizer.convert_tokens_to_ids(word)]
+
+    targets = e("background").repeat(world.GRID * world.GRID, 1)
+    for o in scene:
+        targets[o.cell[1] * world.GRID + o.cell[0]] = e(o.shape) + e(o.color) + e(o.material) + e(o.size) + e(o.side)
+    return targets
+
+
+def patch_labels(scene: tuple[world.Obj, ...]) -> torch.Tensor:
+    """[16, 5] index of each cell's word within every ALIGN_GROUPS group (-100 = none, for background cells)."""
+    labels = torch.full((world.GRID * world.GRID, len(ALIGN_GROUPS)), -100, dtype=torch.long)
+    labels[:, 0] = ALIGN_GROUPS[0].index("background")
+    for o in scene:
+        words = (o.shape, o.color, o.material, o.size, o.side)
+        labels[o.cell[1] * world.GRID + o.cell[0]] = torch.tensor([g.index(w) for g, w in zip(ALIGN_GROUPS, words)])
+    return labels
+
+
+def image_tokens(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected image tokens [B, 16, hidden], exactly as the LM receives them."""
+    features = model.model.get_image_features(pixel_values=pixel_values)
+    features = features.pooler_output if hasattr(features, "pooler_output") else features
+    return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
+
+def word_logits(model, tokenizer, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Dot products of image tokens with the word embeddings of every ALIGN_GROUPS group."""
+    emb = model.get_input_embeddings().weight.detach()
+    return [tokens @ emb[tokenizer.convert_tokens_to_ids(list(group))].T for group in ALIGN_GROUPS]
+
+
+def align_accuracy(model, tokenizer, processor, seed: int, n: int = 64) -> dict[str, float]:
+    """Per group (shape, colour, material, size, side): fraction of object cells whose word is recovered from the
+    projected image token as the nearest word embedding within the group."""
+    scenes = [world.random_scene(np.random.default_rng([seed, i])) for i in range(n)]
+    images = [world.render(s, np.random.default_rng([seed, i, 1]))[0] for i, s in enumerate(scenes)]
+    with torch.no_grad():
+        tokens = image_tokens(model, processor.image_processor(images, return_tensors="pt")["pixel_values"])
+    labels = torch.stack([patch_labels(s) for s in scenes])
+    objects = labels[:, :, 1] >= 0
+    names = ("shape", "color", "material", "size", "side")
+    return {
+        name: round((logits.argmax(-1) == labels[:, :, k])[objects].float().mean().item(), 3)
+        for k, (name, logits) in enumerate(zip(names, word_logits(model, tokenizer, tokens)))
+    }
+
+
+def alignment_loss(model, tokenizer, tokens: torch.Tensor, scenes: list) -> torch.Tensor:
+    """Nearest-word cross-entropy per group (logit scale 4) plus 10 x MSE to the embedding-sum targets."""
+    labels = torch.stack([patch_labels(s) for s in scenes])
+    ce = sum(
+        F.cross_entropy(4 * logits.flatten(0, 1), labels[:, :, k].flatten())
+        for k, logits in enumerate(word_logits(model, tokenizer, tokens))
+    )
+    targets = torch.stack([patch_targets(model, tokenizer, s) for s in scenes])
+    return ce + 10 * F.mse_loss(tokens, targets)
+
+
+def train_alignment(model, processor, args, state: "TrainState") -> None:
+    """Stage 1: fit vision tower + projector so that image tokens match their words' embeddings."""
+    tokenizer = processor.tokenizer
+    params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.align_lr, weight_decay=0.0)
+    bar = tqdm(range(state.align_step, args.align_steps), desc="align", initial=state.align_step, total=args.align_steps)
+    for step in bar:
+        rng = np.random.default_rng([world.TRAIN_NAMESPACE, args.seed, 0, step])
+        scenes = [world.random_scene(rng) for _ in range(args.batch_size)]
+        images = [world.render(s, rng)[0] for s in scenes]
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        loss = alignment_loss(model, tokenizer, image_tokens(model, pixels), scenes)
+        for group in optimizer.param_groups:
+            group["lr"] = args.align_lr * min(1.0, (step + 1) / args.warmup)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        state.align_step = step + 1
+    state.align_accuracy = align_accuracy(model, tokenizer, processor, seed=DEV_SEED)
+    tqdm.write(f"alignment done: nearest-word accuracy {state.align_accuracy}")
+
+
+# ---------------------------------------------------------------------------------- stage 2: curriculum
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs."""
+
+    align_step: int = 0
+    align_accuracy: dict[str, float] = field(default_factory=dict)
+    step: int = 0
+    active: int = 2  # number of CURRICULUM families currently trained
+    unlocked_at: list[int] = field(default_factory=lambda: [0, 0])
+    dev_accuracy: dict[str, float] = field(default_factory=dict)
+    best_score: list[float] = field(default_factory=lambda: [-1.0, -1.0])
+    best_step: int = -1
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def task_weights(state: TrainState) -> dict[str, float]:
+    """Sampling weights of the active families: more for families still below perfect accuracy."""
+    return {t: 0.1 + (1.0 - state.dev_accuracy.get(t, 0.0)) for t in CURRICULUM[: state.active]}
+
+
+def training_examples(state: TrainState, args) -> tuple[list[world.Example], list[str | None]]:
+    """The batch of step ``state.step`` (a deterministic function of seed, step and curriculum state)."""
+    rng = np.random.default_rng([world.TRAIN_NAMESPACE, args.seed, 1, state.step])
+    weights = task_weights(state)
+    names, p = list(weights), np.array(list(weights.values()))
+    tasks = rng.choice(names, size=args.batch_size, p=p / p.sum())
+    with_description = rng.random() < args.p_describe  # per batch, so that short batches stay short
+    examples, descriptions = [], []
+    for i, task in enumerate(tasks):
+        ex = world.sample(str(task), (world.TRAIN_NAMESPACE, args.seed, 2, state.step, i))
+        examples.append(ex)
+        descriptions.append(describe(ex, rng, state.step >= args.attribute_keyed_from) if with_description else None)
+    return examples, descriptions
+
+
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up, then cosine decay to 10% at ``--steps``."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def update_curriculum(state: TrainState, args) -> None:
+    """Unlock the next family once all active ones are learnt or the newest has had ``--patience`` steps."""
+    if state.active >= len(CURRICULUM):
+        return
+    learnt = all(state.dev_accuracy.get(t, 0.0) >= args.unlock_acc for t in CURRICULUM[: state.active])
+    if learnt or state.step - state.unlocked_at[-1] >= args.patience:
+        state.active += 1
+        state.unlocked_at.append(state.step)
+        tqdm.write(f"step {state.step}: unlocked {CURRICULUM[state.active - 1]}")
+
+
+def evaluate_dev(model, processor, dev) -> dict[str, float]:
+    """Per-family first-answer-token accuracy on the development split."""
+    model.eval()
+    accuracy = first_token_accuracy(model, processor, dev)
+    model.train()
+    return accuracy
+
+
+# --------------------------------------------------------------------------------------------- persistence
+
+
+def save_state(model, optimizer, state: TrainState) -> None:
+    """Atomically write the resumable training state."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = STATE_DIR / "state.pt.tmp"
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None, "state": asdict(state)}
+    torch.save(payload, tmp)
+    os.replace(tmp, STATE_DIR / "state.pt")
+
+
+def load_state(model) -> tuple[TrainState, dict | None]:
+    """Restore model weights and return the saved state and optimizer state (fresh state if none)."""
+    path = STATE_DIR / "state.pt"
+    if not path.exists():
+        return TrainState(), None
+    payload = torch.load(path, weights_only=False)
+    model.load_state_dict(payload["model"])
+    tqdm.write(f"resumed from {path} (step {payload['state']['step']})")
+    return TrainState(**payload["state"]), payload["optimizer"]
+
+
+def export(model, processor, state: TrainState, args) -> None:
+    """Write model + processor + training_log.json to EXPORT_DIR (via a temporary folder)."""
+    tmp = EXPORT_DIR.with_name(EXPORT_DIR.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    log = {
+        "command": "python -m shapes_world.train",
+        "arguments": vars(args),
+        "wall_clock_seconds": round(state.seconds, 1),
+        "alignment_steps": state.align_step,
+        "alignment_nearest_word_accuracy": state.align_accuracy,
+        "steps": state.step,
+        "exported_step": state.best_step,
+        "curriculum": list(CURRICULUM),
+        "unlocked_at_step": state.unlocked_at,
+        "dev_accuracy": state.dev_accuracy,
+        "dev_min_and_mean_accuracy_of_exported_step": state.best_score,
+        "history": state.history,
+    }
+    (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
+    shutil.rmtree(EXPORT_DIR, ignore_errors=True)
+    os.replace(tmp, EXPORT_DIR)
+
+
+def train(args) -> None:
+    """Run (or resume) both stages and export the best model."""
+    torch.set_num_threads(args.threads)
+    processor = build_processor()
+    model = build_model(processor.tokenizer, args.seed)
+    model.train()
+    state, optimizer_state = load_state(model)
+    started = time.time() - state.seconds
+    if state.align_step < args.align_steps:
+        train_alignment(model, processor, args, state)
+        state.seconds = time.time() - started
+        save_state(model, None, state)
+        optimizer_state = None
+    frozen = [model.model.vision_tower, model.model.multi_modal_projector, model.get_input_embeddings()]
+    for p in (p for module in frozen for p in module.parameters()):
+        p.requires_grad_(False)  # image tokens stay the aligned sums of (frozen) word embeddings
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    dev = world.make_dataset(args.dev_n, seed=DEV_SEED)
+    bar = tqdm(total=args.steps, initial=state.step, desc="train")
+    while state.step < args.steps:
+        examples, descriptions = training_examples(state, args)
+        batch = collate(processor, examples, descriptions, args.desc_weight)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(state.step, args)
+        loss = weighted_lm_loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        state.step += 1
+        state.seconds = time.time() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", active=state.active)
+        if state.step % args.eval_every == 0 or state.step == args.steps:
+            state.dev_accuracy = evaluate_dev(model, processor, dev)
+            values = list(state.dev_accuracy.values())
+            score = [min(values), sum(values) / len(values)]  # worst family first, ties broken by the mean
+            state.history.append({"step": state.step, "seconds": round(state.seconds), "loss": round(loss.item(), 4), **state.dev_accuracy})
+            tqdm.write(f"step {state.step} ({state.seconds / 60:.1f} min) dev " + " ".join(f"{t}={a:.2f}" for t, a in state.dev_accuracy.items()))
+            if score > state.best_score:
+                state.best_score, state.best_step = score, state.step
+                export(model, processor, state, args)
+                torch.save(model.state_dict(), STATE_DIR / "best.pt")
+            update_curriculum(state, args)
+        if state.step % args.save_every == 0:
+            save_state(model, optimizer, state)
+    save_state(model, optimizer, state)
+    model.load_state_dict(torch.load(STATE_DIR / "best.pt"))
+    export(model, processor, state, args)
+    tqdm.write(f"done: exported step {state.best_step} (dev min/mean accuracy {state.best_score[0]:.3f}/{state.best_score[1]:.3f}) to {EXPORT_DIR}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (keep 1 on a shared machine)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--align-steps", type=int, default=1000)
+    parser.add_argument("--align-lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=3500)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--p-describe", type=float, default=0.5, help="fraction of batches with grounding turns")
+    parser.add_argument("--desc-weight", type=float, default=0.1, help="loss weight of each grounding-turn token")
+    parser.add_argument(
+        "--attribute-keyed-from", type=int, default=1900, help="step from which attribute-keyed sentences are added"
+    )
+    parser.add_argument("--unlock-acc", type=float, default=0.9)
+    parser.add_argument("--patience", type=int, default=400)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--dev-n", type=int, default=50, help="development questions per family")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(parse_args())

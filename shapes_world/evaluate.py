@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
+import mmflow_utils as mu
 from shapes_world import world
-
-DEFAULT_MODEL = Path(__file__).parent / "shapes-llava"
 
 
 @torch.no_grad()
@@ -46,15 +44,12 @@ def first_token_accuracy(model, processor, dataset, blank: bool = False) -> dict
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--model", default=mu.EMBEDDED_MODEL, help="model name or folder (see mmflow_utils.load_model)")
     parser.add_argument("--n", type=int, default=200, help="questions per family")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = mu.load_model(args.model)
     dataset = world.make_dataset(args.n, world.EVAL_SEED)
     accuracy = first_token_accuracy(model, processor, dataset)
     blank = first_token_accuracy(model, processor, dataset, blank=True)

@@ -42,6 +42,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from mmflow_utils import LLAVA15_TEMPLATE
+
 TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
 EVAL_SEED = 20250611
 TRAIN_NAMESPACE = 7_000_001  # first entropy word of every training example's seed; never an evaluation seed
@@ -70,7 +72,7 @@ MAX_JITTER = 1.0  # max offset (px) of an object's centre from its cell's centre
 # Probability of asking about colour / material / size in the attribute-based families.
 ATTRIBUTE_WEIGHTS = {"color": 0.5, "material": 0.25, "size": 0.25}
 
-PROMPT = "USER: <image>\n{question}\nAnswer the question using a single word or phrase. ASSISTANT:"
+PROMPT = LLAVA15_TEMPLATE  # the companion's LLaVA-1.5 prompt, shared with the analysis code
 
 BOX_COLUMNS = ("x", "y", "w", "h")
 OBJECT_PREFIXES = ("central object", "object1", "object2")

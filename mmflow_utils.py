@@ -490,17 +490,23 @@ ENGINES = ("fast", "naive")
 _KNOCKOUT_IMPL = {"sdpa": "mmflow_knockout_sdpa", "eager": "mmflow_knockout_eager"}
 
 
+def flow_parts(flow: str | tuple[Any, Any], groups: Mapping[str, Sequence[int]]) -> tuple[Any, Any]:
+    """(source, target) of a flow, each a group name or positions: a name from :data:`FLOWS`, ``"group->group"``,
+    or a pair."""
+    if not isinstance(flow, str):
+        return tuple(flow)
+    if flow in FLOWS:
+        return FLOWS[flow]
+    if "->" in flow:
+        return tuple(part.strip() for part in flow.split("->", 1))
+    raise MmflowError(f"Unknown flow {flow!r}: use one of {list(FLOWS)} or 'source->target' with groups {sorted(groups)}")
+
+
 def flow_positions(flow: str | tuple[Any, Any], groups: Mapping[str, Sequence[int]]) -> tuple[list[int], list[int]]:
-    """(sources, targets) of a flow: a name from :data:`FLOWS`, ``"group->group"``, or a pair of groups/positions."""
-    if isinstance(flow, str):
-        if flow in FLOWS:
-            flow = FLOWS[flow]
-        elif "->" in flow:
-            flow = tuple(part.strip() for part in flow.split("->", 1))
-        else:
-            raise MmflowError(f"Unknown flow {flow!r}: use one of {list(FLOWS)} or 'source->target' with groups {sorted(groups)}")
+    """(sources, targets) positions of a flow (see :func:`flow_parts`)."""
+    parts = flow_parts(flow, groups)
     out = []
-    for part in flow:
+    for part in parts:
         if isinstance(part, str):
             if part not in groups:
                 raise MmflowError(f"Unknown group {part!r} in flow {flow!r}; this example has {sorted(groups)}")
@@ -519,8 +525,7 @@ def flow_positions(flow: str | tuple[Any, Any], groups: Mapping[str, Sequence[in
 def has_empty_group(flow: str | tuple[Any, Any], groups: Mapping[str, Sequence[int]]) -> bool:
     """True if a named flow's source or target group exists but is empty for this example (e.g. no related
     patches because the question's objects are not in the image)."""
-    parts = FLOWS.get(flow, flow.split("->", 1)) if isinstance(flow, str) else flow
-    return any(isinstance(p, str) and p.strip() in groups and not groups[p.strip()] for p in parts)
+    return any(isinstance(p, str) and p in groups and not groups[p] for p in flow_parts(flow, groups))
 
 
 def window_layers(centre: int, k: int, n_layers: int) -> range:
@@ -601,7 +606,6 @@ class Clean:
 
     answer_token: int
     p_base: float
-    logits: torch.Tensor
     cache: Any = None
     embeds: torch.Tensor | None = None
 
@@ -613,8 +617,8 @@ def clean_run(model: Any, encoded: Encoded, keep_cache: bool = False) -> Clean:
     answer = int(logits.argmax())
     p_base = float(torch.softmax(logits, -1)[answer])
     if keep_cache:
-        return Clean(answer, p_base, logits, out.past_key_values, out.hidden_states[0])
-    return Clean(answer, p_base, logits)
+        return Clean(answer, p_base, out.past_key_values, out.hidden_states[0])
+    return Clean(answer, p_base)
 
 
 def _naive_sweep(model, encoded, sources, targets, windows, answer) -> list[float]:

@@ -42,9 +42,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from mmflow_utils import LLAVA15_TEMPLATE
+from mmflow_utils import LLAVA15_TEMPLATE, TASKS
 
-TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
 EVAL_SEED = 20250611
 TRAIN_NAMESPACE = 7_000_001  # first entropy word of every training example's seed; never an evaluation seed
 

@@ -22,21 +22,26 @@ Training has two stages, mirroring LLaVA's recipe at toy scale:
    aligned sums of word embeddings); the LM layers and LM head are trained on single-turn VQA in the exact
    evaluation prompt, ``USER: <image>\\n{question}\\nAnswer the question using a single word or phrase. ASSISTANT:``
    with target `` {Answer}</s>`` (Capitalized, as LLaVA-1.5 answers). A per-family **curriculum with replay** adds the
-   six families one at a time (simple lookups first); a family is unlocked when all active families reach
-   ``--unlock-acc`` on a development split or after ``--patience`` steps, and active families are sampled with
-   weight ``0.1 + (1 - accuracy)``, so learnt families keep being replayed.
+   families one at a time; a family is unlocked when all active families reach ``--unlock-acc`` on a development
+   split or after ``--patience`` steps, and active families are sampled with weight ``0.1 + (1 - accuracy)``, so
+   learnt families keep being replayed. The curriculum starts with a training-only family, **QueryCat** ("Which
+   shape is red?", a ChooseCat question without its options), trained alone: it forms the attribute-value ->
+   image-token lookup that ChooseCat and LogicalObj need. With its options, ChooseCat offers a 50 % shortcut (name
+   either option) on which training stalled for thousands of steps; without them the lookup clicks within a few
+   hundred steps, and ChooseCat then follows.
+
+Two initialisation choices stand in for what a pretrained LM brings along (:func:`word_aware_init`): a plural's
+embedding is its singular's plus a shared vector, and the LM head starts as a copy of the input embeddings.
 
 **Grounding sentences (deliberate design choice).** With an answer-only loss the lowercase answer words (``red``,
 ``left``, ``yes``, ``color``...) are never outputs, so their probability is ~0 at every layer and the paper's
 "lowercase answer first, Capitalized answer last" logit-lens analysis is meaningless. Therefore, in a fraction
 ``--p-describe`` of the batches, every answer is followed by a second turn
-``USER: Describe the image. ASSISTANT: ...`` whose reply consists of lowercase grounding sentences with LM loss, e.g. ``the circle is red metal small on the left .``,
-``the circle and the square share the color .`` and ``are there red circles ? yes .``. Every lowercase answer word
-of the six families is thus an output in some context, while the evaluated first turn never sees this text. From
-step ``--attribute-keyed-from`` on (a curriculum stage added after the shape-keyed families were learnt and the
-attribute-keyed ones, ChooseCat and LogicalObj, had plateaued at chance), the replies also contain sentences that
-look objects up by an attribute value: ``the red shape is the circle .`` and
-``are there either circles or squares that are red ? no .``.
+``USER: Describe the image. ASSISTANT: ...`` whose reply consists of lowercase grounding sentences with LM loss,
+e.g. ``the circle is red metal small on the left .``, ``the circle and the square share the color .``,
+``are there red circles ? yes .``, ``the red shape is the circle .`` and
+``are there either circles or squares that are red ? no .``. Every lowercase answer word of the six families is
+thus an output in some context, while the evaluated first turn never sees this text.
 """
 
 from __future__ import annotations
@@ -47,9 +52,10 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -69,11 +75,12 @@ from shapes_world import world
 from shapes_world.evaluate import first_token_accuracy
 
 PACKAGE_DIR = Path(__file__).parent
-STATE_DIR = PACKAGE_DIR / "train_state"
-EXPORT_DIR = PACKAGE_DIR / "shapes-llava"
+STATE_DIR = PACKAGE_DIR / "train_state"  # default of --state-dir
+EXPORT_DIR = PACKAGE_DIR / "shapes-llava"  # default of --out
 
-# Families in curriculum order: direct lookups first, then relations, inverse lookups and two-object reasoning.
-CURRICULUM = ("ChooseAttr", "QueryAttr", "ChooseRel", "ChooseCat", "LogicalObj", "CompareAttr")
+# Families in curriculum order: the training-only inverse lookup first (alone), then direct lookups, relations,
+# the inverse lookup among options and two-object reasoning.
+CURRICULUM = ("QueryCat", "ChooseAttr", "QueryAttr", "ChooseRel", "ChooseCat", "LogicalObj", "CompareAttr")
 DEV_SEED = 4242  # development split for the curriculum and checkpoint selection; disjoint from world.EVAL_SEED
 
 HIDDEN = 128
@@ -170,18 +177,34 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondit
     model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    word_aware_init(model, tokenizer)
     return model
+
+
+def word_aware_init(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Two initialisation choices a pretrained LM would bring along (in place, seeded by the caller).
+
+    * A plural's input embedding is its singular's plus a shared "plural" vector (``circles`` = ``circle`` + s),
+      as a subword tokenizer would give, so "Are there either circles ..." can find the image tokens of circles.
+    * The LM head starts as a copy of the input embeddings (untied afterwards), so a residual stream that carries an
+      image token's word content reads, under the logit lens, as those lowercase words.
+    """
+    embeddings = model.get_input_embeddings().weight
+    ids = tokenizer.convert_tokens_to_ids
+    with torch.no_grad():
+        plural = torch.randn(embeddings.shape[1]) * embeddings.std()
+        for shape in world.SHAPES:
+            embeddings[ids(shape + "s")] = embeddings[ids(shape)] + plural
+        model.get_output_embeddings().weight.copy_(embeddings)
 
 
 # ------------------------------------------------------------------------------------ grounding sentences
 
 
-def describe(example: world.Example, rng: np.random.Generator, attribute_keyed: bool) -> str:
-    """Lowercase grounding sentences about the example's scene (objects in random order).
-
-    With ``attribute_keyed``, sentences that look objects up by an attribute value are added as well
-    (``the red shape is the circle .``, ``are there either circles or squares that are red ? no .``).
-    """
+def describe(example: world.Example, rng: np.random.Generator) -> str:
+    """Lowercase grounding sentences about the example's scene (objects in random order), including sentences that
+    look objects up by an attribute value (``the red shape is the circle .``,
+    ``are there either circles or squares that are red ? no .``)."""
     objects = list(example.objects)
     sentences = []
     for k in rng.permutation(len(objects)):
@@ -197,8 +220,7 @@ def describe(example: world.Example, rng: np.random.Generator, attribute_keyed: 
     value = probe.attribute(attribute)
     exists = any(o.shape == shape and o.attribute(attribute) == value for o in objects)
     sentences.append(f"are there {value} {shape}s ? {'yes' if exists else 'no'} .")
-    if attribute_keyed:
-        sentences += attribute_keyed_sentences(objects, rng)
+    sentences += attribute_keyed_sentences(objects, rng)
     return " ".join(sentences)
 
 
@@ -215,6 +237,33 @@ def attribute_keyed_sentences(objects: list[world.Obj], rng: np.random.Generator
     exists = any(o.shape in (first, second) and value in (o.color, o.material, o.size) for o in objects)
     sentences.append(f"are there either {first}s or {second}s that are {value} ? {'yes' if exists else 'no'} .")
     return sentences
+
+
+# ------------------------------------------------------------------------------------ auxiliary family
+
+
+def query_cat(example: world.Example) -> world.Example:
+    """The training-only family QueryCat: a ChooseCat question without its options ("Which shape is red?").
+
+    Looking an object up by an attribute value and reading its shape is the same circuit ChooseCat needs, but without
+    options there is no 50 % shortcut ("name one of the two shapes"); trained alone it clicks within a few hundred
+    steps, while ChooseCat with options stays at chance (see the README).
+    """
+    question = example.question.split(",")[0] + "?"
+    return replace(example, task="QueryCat", question=question, true_option=None, false_option=None)
+
+
+def sample_task(task: str, key: tuple[int, ...]) -> world.Example:
+    """One training example of a shapes-world family or of the auxiliary QueryCat."""
+    return query_cat(world.sample("ChooseCat", key)) if task == "QueryCat" else world.sample(task, key)
+
+
+def development_split(n: int) -> datasets.Dataset:
+    """``n`` development questions per family (six families + QueryCat, from the ChooseCat images)."""
+    dev = world.make_dataset(n, seed=DEV_SEED)
+    cat = dev.filter(lambda row: row["task"] == "ChooseCat")
+    cat = cat.map(lambda row: {"task": "QueryCat", "question": row["question"].split(",")[0] + "?"})
+    return datasets.concatenate_datasets([dev, cat])
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -379,8 +428,8 @@ class TrainState:
     align_step: int = 0
     align_accuracy: dict[str, float] = field(default_factory=dict)
     step: int = 0
-    active: int = 2  # number of CURRICULUM families currently trained
-    unlocked_at: list[int] = field(default_factory=lambda: [0, 0])
+    active: int = 1  # number of CURRICULUM families currently trained
+    unlocked_at: list[int] = field(default_factory=lambda: [0])
     dev_accuracy: dict[str, float] = field(default_factory=dict)
     best_score: list[float] = field(default_factory=lambda: [-1.0, -1.0])
     best_step: int = -1
@@ -388,23 +437,24 @@ class TrainState:
     seconds: float = 0.0
 
 
-def task_weights(state: TrainState) -> dict[str, float]:
-    """Sampling weights of the active families: more for families still below perfect accuracy."""
-    return {t: 0.1 + (1.0 - state.dev_accuracy.get(t, 0.0)) for t in CURRICULUM[: state.active]}
+def task_weights(state: TrainState, curriculum: list[str], replay: float) -> dict[str, float]:
+    """Sampling weights of the active families: ``replay`` plus what each family still lacks of perfect accuracy."""
+    return {t: replay + (1.0 - state.dev_accuracy.get(t, 0.0)) for t in curriculum[: state.active]}
 
 
 def training_examples(state: TrainState, args) -> tuple[list[world.Example], list[str | None]]:
     """The batch of step ``state.step`` (a deterministic function of seed, step and curriculum state)."""
     rng = np.random.default_rng([world.TRAIN_NAMESPACE, args.seed, 1, state.step])
-    weights = task_weights(state)
+    weights = task_weights(state, args.curriculum, args.replay)
     names, p = list(weights), np.array(list(weights.values()))
     tasks = rng.choice(names, size=args.batch_size, p=p / p.sum())
-    with_description = rng.random() < args.p_describe  # per batch, so that short batches stay short
+    # per batch, so that short batches stay short; only once every family is unlocked (see the module docstring)
+    with_description = rng.random() < args.p_describe and state.active == len(args.curriculum)
     examples, descriptions = [], []
     for i, task in enumerate(tasks):
-        ex = world.sample(str(task), (world.TRAIN_NAMESPACE, args.seed, 2, state.step, i))
+        ex = sample_task(str(task), (world.TRAIN_NAMESPACE, args.seed, 2, state.step, i))
         examples.append(ex)
-        descriptions.append(describe(ex, rng, state.step >= args.attribute_keyed_from) if with_description else None)
+        descriptions.append(describe(ex, rng) if with_description else None)
     return examples, descriptions
 
 
@@ -418,13 +468,14 @@ def learning_rate(step: int, args) -> float:
 
 def update_curriculum(state: TrainState, args) -> None:
     """Unlock the next family once all active ones are learnt or the newest has had ``--patience`` steps."""
-    if state.active >= len(CURRICULUM):
+    curriculum = args.curriculum
+    if state.active >= len(curriculum):
         return
-    learnt = all(state.dev_accuracy.get(t, 0.0) >= args.unlock_acc for t in CURRICULUM[: state.active])
+    learnt = all(state.dev_accuracy.get(t, 0.0) >= args.unlock_acc for t in curriculum[: state.active])
     if learnt or state.step - state.unlocked_at[-1] >= args.patience:
         state.active += 1
         state.unlocked_at.append(state.step)
-        tqdm.write(f"step {state.step}: unlocked {CURRICULUM[state.active - 1]}")
+        tqdm.write(f"step {state.step}: unlocked {curriculum[state.active - 1]}")
 
 
 def evaluate_dev(model, processor, dev) -> dict[str, float]:
@@ -438,18 +489,18 @@ def evaluate_dev(model, processor, dev) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------- persistence
 
 
-def save_state(model, optimizer, state: TrainState) -> None:
+def save_state(state_dir: Path, model, optimizer, state: TrainState) -> None:
     """Atomically write the resumable training state."""
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = STATE_DIR / "state.pt.tmp"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / "state.pt.tmp"
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None, "state": asdict(state)}
     torch.save(payload, tmp)
-    os.replace(tmp, STATE_DIR / "state.pt")
+    os.replace(tmp, state_dir / "state.pt")
 
 
-def load_state(model) -> tuple[TrainState, dict | None]:
+def load_state(state_dir: Path, model) -> tuple[TrainState, dict | None]:
     """Restore model weights and return the saved state and optimizer state (fresh state if none)."""
-    path = STATE_DIR / "state.pt"
+    path = state_dir / "state.pt"
     if not path.exists():
         return TrainState(), None
     payload = torch.load(path, weights_only=False)
@@ -459,28 +510,29 @@ def load_state(model) -> tuple[TrainState, dict | None]:
 
 
 def export(model, processor, state: TrainState, args) -> None:
-    """Write model + processor + training_log.json to EXPORT_DIR (via a temporary folder)."""
-    tmp = EXPORT_DIR.with_name(EXPORT_DIR.name + ".tmp")
+    """Write model + processor + training_log.json to ``args.out`` (via a temporary folder)."""
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     log = {
         "command": "python -m shapes_world.train",
-        "arguments": vars(args),
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("out", "state_dir")},
         "wall_clock_seconds": round(state.seconds, 1),
         "alignment_steps": state.align_step,
         "alignment_nearest_word_accuracy": state.align_accuracy,
         "steps": state.step,
         "exported_step": state.best_step,
-        "curriculum": list(CURRICULUM),
+        "curriculum": args.curriculum,
         "unlocked_at_step": state.unlocked_at,
         "dev_accuracy": state.dev_accuracy,
         "dev_min_and_mean_accuracy_of_exported_step": state.best_score,
         "history": state.history,
     }
     (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
-    shutil.rmtree(EXPORT_DIR, ignore_errors=True)
-    os.replace(tmp, EXPORT_DIR)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def train(args) -> None:
@@ -489,12 +541,13 @@ def train(args) -> None:
     processor = build_processor()
     model = build_model(processor.tokenizer, args.seed)
     model.train()
-    state, optimizer_state = load_state(model)
+    state_dir = Path(args.state_dir)
+    state, optimizer_state = load_state(state_dir, model)
     started = time.time() - state.seconds
     if state.align_step < args.align_steps:
         train_alignment(model, processor, args, state)
         state.seconds = time.time() - started
-        save_state(model, None, state)
+        save_state(state_dir, model, None, state)
         optimizer_state = None
     frozen = [model.model.vision_tower, model.model.multi_modal_projector, model.get_input_embeddings()]
     for p in (p for module in frozen for p in module.parameters()):
@@ -503,7 +556,7 @@ def train(args) -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    dev = world.make_dataset(args.dev_n, seed=DEV_SEED)
+    dev = development_split(args.dev_n)
     bar = tqdm(total=args.steps, initial=state.step, desc="train")
     while state.step < args.steps:
         examples, descriptions = training_examples(state, args)
@@ -521,40 +574,43 @@ def train(args) -> None:
         bar.set_postfix(loss=f"{loss.item():.3f}", active=state.active)
         if state.step % args.eval_every == 0 or state.step == args.steps:
             state.dev_accuracy = evaluate_dev(model, processor, dev)
-            values = list(state.dev_accuracy.values())
+            values = [state.dev_accuracy[t] for t in world.TASKS]  # the six evaluated families
             score = [min(values), sum(values) / len(values)]  # worst family first, ties broken by the mean
             state.history.append({"step": state.step, "seconds": round(state.seconds), "loss": round(loss.item(), 4), **state.dev_accuracy})
             tqdm.write(f"step {state.step} ({state.seconds / 60:.1f} min) dev " + " ".join(f"{t}={a:.2f}" for t, a in state.dev_accuracy.items()))
             if score > state.best_score:
                 state.best_score, state.best_step = score, state.step
                 export(model, processor, state, args)
-                torch.save(model.state_dict(), STATE_DIR / "best.pt")
+                torch.save(model.state_dict(), state_dir / "best.pt")
             update_curriculum(state, args)
         if state.step % args.save_every == 0:
-            save_state(model, optimizer, state)
-    save_state(model, optimizer, state)
-    model.load_state_dict(torch.load(STATE_DIR / "best.pt"))
+            save_state(state_dir, model, optimizer, state)
+    save_state(state_dir, model, optimizer, state)
+    model.load_state_dict(torch.load(state_dir / "best.pt"))
     export(model, processor, state, args)
-    tqdm.write(f"done: exported step {state.best_step} (dev min/mean accuracy {state.best_score[0]:.3f}/{state.best_score[1]:.3f}) to {EXPORT_DIR}")
+    tqdm.write(f"done: exported step {state.best_step} (dev min/mean accuracy {state.best_score[0]:.3f}/{state.best_score[1]:.3f}) to {args.out}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(EXPORT_DIR), help="folder of the exported model (replaced)")
+    parser.add_argument("--state-dir", default=str(STATE_DIR), help="resumable training state")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (keep 1 on a shared machine)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--align-steps", type=int, default=1000)
     parser.add_argument("--align-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=3500)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--p-describe", type=float, default=0.5, help="fraction of batches with grounding turns")
     parser.add_argument("--desc-weight", type=float, default=0.1, help="loss weight of each grounding-turn token")
-    parser.add_argument(
-        "--attribute-keyed-from", type=int, default=1900, help="step from which attribute-keyed sentences are added"
-    )
     parser.add_argument("--unlock-acc", type=float, default=0.9)
-    parser.add_argument("--patience", type=int, default=400)
+    parser.add_argument("--patience", type=int, default=1000)
+    parser.add_argument(
+        "--curriculum", type=lambda s: s.split(","), default=list(CURRICULUM), help="comma-separated family order"
+    )
+    parser.add_argument("--replay", type=float, default=0.1, help="sampling weight of a learnt family")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--dev-n", type=int, default=50, help="development questions per family")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from collections import Counter
 from pathlib import Path
 
@@ -179,7 +181,6 @@ def test_processor_and_tokenizer():
             assert text[start:end] == token
 
 
-@pytest.mark.skipif(not (CHECKPOINT / "config.json").exists(), reason="no trained checkpoint")
 def test_checkpoint_loads_and_answers_with_a_single_word():
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -201,3 +202,84 @@ def test_checkpoint_loads_and_answers_with_a_single_word():
     loaded = processor.tokenizer(text, return_offsets_mapping=True)
     assert loaded["input_ids"] == fresh(text)["input_ids"]
     assert loaded["offset_mapping"] == fresh(text, return_offsets_mapping=True)["offset_mapping"]
+
+
+def test_query_cat_is_choose_cat_without_options():
+    from shapes_world.train import query_cat
+
+    for ex in examples("ChooseCat", 40):
+        aux = query_cat(ex)
+        value = ex.question.split()[3].rstrip(",")
+        assert aux.question == f"Which shape is {value}?" and aux.task == "QueryCat"
+        assert aux.answer == ex.answer and aux.image is ex.image and aux.true_option is None
+        holders = [o.shape for o in ex.objects if value in (o.color, o.material, o.size)]
+        assert holders == [ex.answer]  # the value singles out the answer's object
+
+
+def test_word_aware_init_and_answer_only_loss_weights():
+    from shapes_world.train import build_model, build_processor, encode_sequence
+
+    processor = build_processor()
+    tok = processor.tokenizer
+    model = build_model(tok, seed=0)
+    emb = model.get_input_embeddings().weight
+    ids = tok.convert_tokens_to_ids
+    offsets = [emb[ids(s + "s")] - emb[ids(s)] for s in world.SHAPES]
+    assert all(torch.allclose(o, offsets[0]) for o in offsets) and offsets[0].norm() > 0.1
+    assert not torch.allclose(emb[ids("circle")], emb[ids("square")])
+    assert torch.equal(model.get_output_embeddings().weight, emb)
+    assert model.get_output_embeddings().weight.data_ptr() != emb.data_ptr()  # untied
+
+    ex = world.sample("ChooseAttr", (3, 3))
+    ids_, weights = encode_sequence(processor, ex, None, 0.1)
+    tokens = tok.convert_ids_to_tokens(ids_)
+    trained = [t for t, w in zip(tokens, weights) if w > 0]
+    assert trained == [ex.answer.capitalize(), "</s>"] and tokens[-3:-1] == [":", ex.answer.capitalize()]
+    ids_, weights = encode_sequence(processor, ex, "the circle is red .", 0.1)
+    tokens = tok.convert_ids_to_tokens(ids_)
+    assert [t for t, w in zip(tokens, weights) if w == 0.1] == ["the", "circle", "is", "red", ".", "</s>"]
+
+
+def _tiny_training_args(tmp_path, name: str) -> list[str]:
+    return [
+        "--out", str(tmp_path / name / "model"), "--state-dir", str(tmp_path / name / "state"),
+        "--batch-size", "4", "--align-steps", "3", "--steps", "6", "--warmup", "2", "--eval-every", "3",
+        "--save-every", "3", "--dev-n", "2", "--patience", "3", "--threads", "1",
+    ]  # fmt: skip
+
+
+def test_training_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch):
+    """A run that crashes after its step-3 checkpoint and is started again ends with the same weights as an
+    uninterrupted run (batches, curriculum and optimizer state are all restored)."""
+    from safetensors.torch import load_file
+
+    from shapes_world import train
+
+    train.train(train.parse_args(_tiny_training_args(tmp_path, "straight")))
+    loss, calls = train.weighted_lm_loss, []
+
+    def crash_at_step_5(model, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("simulated interruption")
+        return loss(model, batch)
+
+    monkeypatch.setattr(train, "weighted_lm_loss", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.parse_args(_tiny_training_args(tmp_path, "resumed")))
+    assert torch.load(tmp_path / "resumed" / "state" / "state.pt", weights_only=False)["state"]["step"] == 3
+    monkeypatch.setattr(train, "weighted_lm_loss", loss)
+    train.train(train.parse_args(_tiny_training_args(tmp_path, "resumed")))
+
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model" / "model.safetensors")  # the exported (best) step
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    final = [torch.load(tmp_path / n / "state" / "state.pt", weights_only=False) for n in ("straight", "resumed")]
+    untimed = [{k: v for k, v in f["state"].items() if k not in ("seconds", "history")} for f in final]
+    assert untimed[0] == untimed[1] and untimed[0]["step"] == 6 and untimed[0]["active"] == 3
+    assert all(torch.equal(final[0]["model"][k], final[1]["model"][k]) for k in final[0]["model"])
+    logs = [json.loads((tmp_path / n / "model" / "training_log.json").read_text()) for n in ("straight", "resumed")]
+    assert logs[0]["steps"] == logs[1]["steps"] == 6
+    assert [h["loss"] for h in logs[0]["history"]] == [h["loss"] for h in logs[1]["history"]]
+    assert "out" not in logs[0]["arguments"]  # the log does not depend on where the repo lives

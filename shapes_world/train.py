@@ -80,7 +80,7 @@ EXPORT_DIR = PACKAGE_DIR / "shapes-llava"  # default of --out
 
 # Families in curriculum order: the training-only inverse lookup first (alone), then direct lookups, relations,
 # the inverse lookup among options and two-object reasoning.
-CURRICULUM = ("QueryCat", "ChooseAttr", "QueryAttr", "ChooseRel", "ChooseCat", "LogicalObj", "CompareAttr")
+CURRICULUM = ("ChooseAttr", "QueryAttr", "ChooseRel", "CompareAttr", "QueryCat", "ChooseCat", "LogicalObj")
 DEV_SEED = 4242  # development split for the curriculum and checkpoint selection; disjoint from world.EVAL_SEED
 
 HIDDEN = 128
@@ -139,8 +139,8 @@ def build_processor() -> LlavaProcessor:
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForConditionalGeneration:
-    """A freshly initialised tiny LLaVA (seeded)."""
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int, tied: bool = True) -> LlavaForConditionalGeneration:
+    """A freshly initialised tiny LLaVA (seeded), with the LM head tied to the input embeddings unless ``tied=False``."""
     torch.manual_seed(seed)
     text = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -151,7 +151,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondit
         num_key_value_heads=4,
         max_position_embeddings=256,
         initializer_range=1 / math.sqrt(HIDDEN),
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -172,7 +172,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondit
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -182,20 +182,28 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondit
 
 
 def word_aware_init(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast) -> None:
-    """Two initialisation choices a pretrained LM would bring along (in place, seeded by the caller).
+    """Initialisation choices a pretrained LM would bring along (in place, seeded by the caller).
 
-    * A plural's input embedding is its singular's plus a shared "plural" vector (``circles`` = ``circle`` + s),
-      as a subword tokenizer would give, so "Are there either circles ..." can find the image tokens of circles.
-    * The LM head starts as a copy of the input embeddings (untied afterwards), so a residual stream that carries an
-      image token's word content reads, under the logit lens, as those lowercase words.
+    * A plural's embedding is its singular's plus a shared "plural" vector (``circles`` = ``circle`` + s), as a
+      subword tokenizer would give, so "Are there either circles ..." can find the image tokens of circles.
+    * With tied embeddings (the default), a Capitalized word's embedding is its lowercase word's plus a shared
+      "capital" vector (``Red`` = ``red`` + C), so the output ``Red`` differs from ``red`` by one direction: a
+      residual stream that carries the answer's meaning scores both forms, and the case is a separate decision.
+    * Untied, the LM head starts as a copy of the input embeddings.
     """
     embeddings = model.get_input_embeddings().weight
-    ids = tokenizer.convert_tokens_to_ids
+    vocab = tokenizer.get_vocab()
     with torch.no_grad():
         plural = torch.randn(embeddings.shape[1]) * embeddings.std()
         for shape in world.SHAPES:
-            embeddings[ids(shape + "s")] = embeddings[ids(shape)] + plural
-        model.get_output_embeddings().weight.copy_(embeddings)
+            embeddings[vocab[shape + "s"]] = embeddings[vocab[shape]] + plural
+        if model.config.tie_word_embeddings:
+            capital = torch.randn(embeddings.shape[1]) * embeddings.std()
+            for word, i in vocab.items():
+                if word != word.lower() and word.lower() in vocab:
+                    embeddings[i] = embeddings[vocab[word.lower()]] + capital
+        else:
+            model.get_output_embeddings().weight.copy_(embeddings)
 
 
 # ------------------------------------------------------------------------------------ grounding sentences
@@ -448,8 +456,10 @@ def training_examples(state: TrainState, args) -> tuple[list[world.Example], lis
     weights = task_weights(state, args.curriculum, args.replay)
     names, p = list(weights), np.array(list(weights.values()))
     tasks = rng.choice(names, size=args.batch_size, p=p / p.sum())
-    # per batch, so that short batches stay short; only once every family is unlocked (see the module docstring)
-    with_description = rng.random() < args.p_describe and state.active == len(args.curriculum)
+    # per batch, so that short batches stay short; only once every family is unlocked and in the last part of
+    # training (from --describe-from x --steps on), see the module docstring
+    late = state.active == len(args.curriculum) and state.step >= args.describe_from * args.steps
+    with_description = rng.random() < args.p_describe and late
     examples, descriptions = [], []
     for i, task in enumerate(tasks):
         ex = sample_task(str(task), (world.TRAIN_NAMESPACE, args.seed, 2, state.step, i))
@@ -539,7 +549,7 @@ def train(args) -> None:
     """Run (or resume) both stages and export the best model."""
     torch.set_num_threads(args.threads)
     processor = build_processor()
-    model = build_model(processor.tokenizer, args.seed)
+    model = build_model(processor.tokenizer, args.seed, args.tied_embeddings)
     model.train()
     state_dir = Path(args.state_dir)
     state, optimizer_state = load_state(state_dir, model)
@@ -597,24 +607,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(EXPORT_DIR), help="folder of the exported model (replaced)")
     parser.add_argument("--state-dir", default=str(STATE_DIR), help="resumable training state")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (keep 1 on a shared machine)")
+    parser.add_argument(
+        "--tied-embeddings", action=argparse.BooleanOptionalAction, default=True, help="LM head = input embeddings"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--align-steps", type=int, default=1000)
     parser.add_argument("--align-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=9000)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--p-describe", type=float, default=0.5, help="fraction of batches with grounding turns")
+    parser.add_argument(
+        "--describe-from", type=float, default=0.75, help="fraction of --steps after which grounding turns join"
+    )
     parser.add_argument("--desc-weight", type=float, default=0.1, help="loss weight of each grounding-turn token")
     parser.add_argument("--unlock-acc", type=float, default=0.9)
     parser.add_argument("--patience", type=int, default=1000)
     parser.add_argument(
         "--curriculum", type=lambda s: s.split(","), default=list(CURRICULUM), help="comma-separated family order"
     )
-    parser.add_argument("--replay", type=float, default=0.1, help="sampling weight of a learnt family")
+    parser.add_argument("--replay", type=float, default=0.5, help="sampling weight of a learnt family")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--dev-n", type=int, default=50, help="development questions per family")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = [t for t in args.curriculum if t not in (*world.TASKS, "QueryCat")]
+    if unknown:
+        parser.error(f"--curriculum: unknown family {unknown[0]!r} (known: {', '.join((*world.TASKS, 'QueryCat'))})")
+    return args
 
 
 if __name__ == "__main__":

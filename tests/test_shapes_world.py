@@ -227,8 +227,13 @@ def test_word_aware_init_and_answer_only_loss_weights():
     offsets = [emb[ids(s + "s")] - emb[ids(s)] for s in world.SHAPES]
     assert all(torch.allclose(o, offsets[0]) for o in offsets) and offsets[0].norm() > 0.1
     assert not torch.allclose(emb[ids("circle")], emb[ids("square")])
-    assert torch.equal(model.get_output_embeddings().weight, emb)
-    assert model.get_output_embeddings().weight.data_ptr() != emb.data_ptr()  # untied
+    assert model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()  # tied: the LM head is the embedding
+    capitals = [emb[ids(w.capitalize())] - emb[ids(w)] for w in ("red", "left", "yes", "circle", "color", "is")]
+    assert all(torch.allclose(c, capitals[0], atol=1e-6) for c in capitals) and capitals[0].norm() > 0.1
+    assert not torch.allclose(capitals[0], offsets[0])
+    untied = build_model(tok, seed=0, tied=False)
+    head = untied.get_output_embeddings().weight
+    assert torch.equal(head, untied.get_input_embeddings().weight) and head.data_ptr() != emb.data_ptr()
 
     ex = world.sample("ChooseAttr", (3, 3))
     ids_, weights = encode_sequence(processor, ex, None, 0.1)

@@ -18,30 +18,34 @@ Training has two stages, mirroring LLaVA's recipe at toy scale:
    ``E[shape] + E[color] + E[material] + E[size] + E[left|right]``, for a background cell ``E[background]`` (MSE plus
    a cross-entropy that classifies each attribute by the nearest word embedding, since background cells dominate
    the MSE). Image tokens therefore start out "word-like", which is what makes question-to-image lookups learnable.
-2. **Instruction tuning**: tower, projector and the LM's input embeddings are frozen (so image tokens stay the
-   aligned sums of word embeddings); the LM layers and LM head are trained on single-turn VQA in the exact
+2. **Instruction tuning**: tower, projector and the (tied) word embeddings are frozen, so image tokens stay the
+   aligned sums of word embeddings; the LM layers and final norm are trained on single-turn VQA in the exact
    evaluation prompt, ``USER: <image>\\n{question}\\nAnswer the question using a single word or phrase. ASSISTANT:``
-   with target `` {Answer}</s>`` (Capitalized, as LLaVA-1.5 answers). A per-family **curriculum with replay** adds the
-   families one at a time; a family is unlocked when all active families reach ``--unlock-acc`` on a development
-   split or after ``--patience`` steps, and active families are sampled with weight ``0.1 + (1 - accuracy)``, so
-   learnt families keep being replayed. The curriculum starts with a training-only family, **QueryCat** ("Which
-   shape is red?", a ChooseCat question without its options), trained alone: it forms the attribute-value ->
-   image-token lookup that ChooseCat and LogicalObj need. With its options, ChooseCat offers a 50 % shortcut (name
-   either option) on which training stalled for thousands of steps; without them the lookup clicks within a few
-   hundred steps, and ChooseCat then follows.
+   with target `` {Answer}</s>`` (Capitalized, as LLaVA-1.5 answers). A per-family **curriculum with replay** adds
+   the families one at a time (``--curriculum``): a family is unlocked when all active families reach
+   ``--unlock-acc`` on a development split or after ``--patience`` steps, and active families are sampled with
+   weight ``--replay + (1 - accuracy)``, so learnt families keep being replayed. The families that look an object
+   up by its shape word (ChooseAttr, QueryAttr, ChooseRel, CompareAttr) come first and click within a few hundred
+   steps each. Then a training-only family, **QueryCat** ("Which shape is red?", a ChooseCat question without its
+   options), forms the attribute-value -> image-token lookup that ChooseCat and LogicalObj need; with its options,
+   ChooseCat offers a 50 % shortcut (name either option) on which training stalled for thousands of steps.
 
-Two initialisation choices stand in for what a pretrained LM brings along (:func:`word_aware_init`): a plural's
-embedding is its singular's plus a shared vector, and the LM head starts as a copy of the input embeddings.
+Initialisation choices that stand in for what a pretrained LM brings along (:func:`word_aware_init`): a plural's
+embedding is its singular's plus a shared vector, the LM head is tied to the input embeddings, and a Capitalized
+word's embedding is its lowercase word's plus a shared "capital" vector, so ``Red`` and ``red`` differ by one
+direction that the model has to write when it answers.
 
 **Grounding sentences (deliberate design choice).** With an answer-only loss the lowercase answer words (``red``,
 ``left``, ``yes``, ``color``...) are never outputs, so their probability is ~0 at every layer and the paper's
-"lowercase answer first, Capitalized answer last" logit-lens analysis is meaningless. Therefore, in a fraction
+"lowercase answer first, Capitalized answer last" logit-lens analysis has nothing to show. Therefore, in a fraction
 ``--p-describe`` of the batches, every answer is followed by a second turn
 ``USER: Describe the image. ASSISTANT: ...`` whose reply consists of lowercase grounding sentences with LM loss,
 e.g. ``the circle is red metal small on the left .``, ``the circle and the square share the color .``,
 ``are there red circles ? yes .``, ``the red shape is the circle .`` and
 ``are there either circles or squares that are red ? no .``. Every lowercase answer word of the six families is
-thus an output in some context, while the evaluated first turn never sees this text.
+thus an output in some context, while the evaluated first turn never sees this text. The grounding turns join
+once every family is unlocked and ``--describe-from`` of the steps are done: from the start they held back the
+attribute-keyed lookup (QueryCat stayed at chance for 400 steps with them and clicked at about step 900 without).
 """
 
 from __future__ import annotations
@@ -254,8 +258,8 @@ def query_cat(example: world.Example) -> world.Example:
     """The training-only family QueryCat: a ChooseCat question without its options ("Which shape is red?").
 
     Looking an object up by an attribute value and reading its shape is the same circuit ChooseCat needs, but without
-    options there is no 50 % shortcut ("name one of the two shapes"); trained alone it clicks within a few hundred
-    steps, while ChooseCat with options stays at chance (see the README).
+    options there is no 50 % shortcut ("name one of the two shapes"). Trained alone from scratch it clicked at about
+    step 900; ChooseCat trained with its options stayed at chance for 3,000 steps (see the README).
     """
     question = example.question.split(",")[0] + "?"
     return replace(example, task="QueryCat", question=question, true_option=None, false_option=None)

@@ -1,9 +1,8 @@
-"""Fast tests of the shapes world data, the shapes-llava tokenizer/processor and (if present) the shipped checkpoint."""
+"""Fast tests of the shapes world data, the shapes-llava tokenizer/processor, its training and the shipped checkpoint."""
 
 from __future__ import annotations
 
 import json
-
 from collections import Counter
 from pathlib import Path
 
@@ -202,6 +201,25 @@ def test_checkpoint_loads_and_answers_with_a_single_word():
     loaded = processor.tokenizer(text, return_offsets_mapping=True)
     assert loaded["input_ids"] == fresh(text)["input_ids"]
     assert loaded["offset_mapping"] == fresh(text, return_offsets_mapping=True)["offset_mapping"]
+
+
+def test_checkpoint_is_what_make_toy_model_trains():
+    """The shipped checkpoint's training log records the current defaults of ``python -m shapes_world.train``, ran
+    to the end, and the exported weights are those of its best development step."""
+    from safetensors.torch import load_file
+
+    from shapes_world.train import build_model, build_processor, parse_args
+
+    log = json.loads((CHECKPOINT / "training_log.json").read_text())
+    defaults = {k: v for k, v in vars(parse_args([])).items() if k not in ("out", "state_dir")}
+    assert log["arguments"] == defaults and log["curriculum"] == defaults["curriculum"]
+    assert log["steps"] == defaults["steps"] and log["history"][-1]["step"] == defaults["steps"]
+    best = max(log["history"], key=lambda h: (min(h[t] for t in world.TASKS), sum(h[t] for t in world.TASKS)))
+    assert best["step"] == log["exported_step"]
+    weights = load_file(CHECKPOINT / "model.safetensors")
+    fresh = build_model(build_processor().tokenizer, seed=defaults["seed"], tied=defaults["tied_embeddings"])
+    assert set(weights) <= set(fresh.state_dict())  # same architecture (a tied head is stored once)
+    assert all(weights[k].shape == fresh.state_dict()[k].shape for k in weights)
 
 
 def test_query_cat_is_choose_cat_without_options():

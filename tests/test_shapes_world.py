@@ -206,7 +206,7 @@ def test_checkpoint_loads_and_answers_with_a_single_word():
 def test_checkpoint_is_what_make_toy_model_trains():
     """The shipped checkpoint's training log records the current defaults of ``python -m shapes_world.train``, ran
     to the end, and the exported weights are those of its best development step."""
-    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
 
     from shapes_world.train import build_model, build_processor, parse_args
 
@@ -216,10 +216,14 @@ def test_checkpoint_is_what_make_toy_model_trains():
     assert log["steps"] == defaults["steps"] and log["history"][-1]["step"] == defaults["steps"]
     best = max(log["history"], key=lambda h: (min(h[t] for t in world.TASKS), sum(h[t] for t in world.TASKS)))
     assert best["step"] == log["exported_step"]
-    weights = load_file(CHECKPOINT / "model.safetensors")
     fresh = build_model(build_processor().tokenizer, seed=defaults["seed"], tied=defaults["tied_embeddings"])
-    assert set(weights) <= set(fresh.state_dict())  # same architecture (a tied head is stored once)
-    assert all(weights[k].shape == fresh.state_dict()[k].shape for k in weights)
+    shipped = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT)
+    expected = {k: v.shape for k, v in fresh.state_dict().items()}
+    assert {k: v.shape for k, v in shipped.state_dict().items()} == expected  # same architecture
+    tied = shipped.get_output_embeddings().weight.data_ptr() == shipped.get_input_embeddings().weight.data_ptr()
+    assert tied == defaults["tied_embeddings"]
+    # frozen in training: the word embeddings are still the seeded word-aware initialisation
+    assert torch.equal(shipped.get_input_embeddings().weight, fresh.get_input_embeddings().weight)
 
 
 def test_query_cat_is_choose_cat_without_options():

@@ -82,9 +82,12 @@ PACKAGE_DIR = Path(__file__).parent
 STATE_DIR = PACKAGE_DIR / "train_state"  # default of --state-dir
 EXPORT_DIR = PACKAGE_DIR / "shapes-llava"  # default of --out
 
-# Families in curriculum order: the training-only inverse lookup first (alone), then direct lookups, relations,
-# the inverse lookup among options and two-object reasoning.
-CURRICULUM = ("ChooseAttr", "QueryAttr", "ChooseRel", "CompareAttr", "QueryCat", "ChooseCat", "LogicalObj")
+QUERY_CAT = "QueryCat"  # the training-only family (see :func:`query_cat`)
+FAMILIES = (*world.TASKS, QUERY_CAT)
+# Families in curriculum order: lookups by shape word first, then the training-only lookup by attribute value, the
+# same lookup among options and the two-object yes/no question.
+CURRICULUM = ("ChooseAttr", "QueryAttr", "ChooseRel", "CompareAttr", QUERY_CAT, "ChooseCat", "LogicalObj")
+PATH_ARGUMENTS = ("out", "state_dir")  # arguments left out of training_log.json, which must not depend on paths
 DEV_SEED = 4242  # development split for the curriculum and checkpoint selection; disjoint from world.EVAL_SEED
 
 HIDDEN = 128
@@ -261,20 +264,26 @@ def query_cat(example: world.Example) -> world.Example:
     options there is no 50 % shortcut ("name one of the two shapes"). Trained alone from scratch it clicked at about
     step 900; ChooseCat trained with its options stayed at chance for 3,000 steps (see the README).
     """
-    question = example.question.split(",")[0] + "?"
-    return replace(example, task="QueryCat", question=question, true_option=None, false_option=None)
+    return replace(
+        example, task=QUERY_CAT, question=query_cat_question(example.question), true_option=None, false_option=None
+    )
+
+
+def query_cat_question(choose_cat_question: str) -> str:
+    """``Which shape is red, the circle or the square?`` -> ``Which shape is red?``."""
+    return choose_cat_question.split(",")[0] + "?"
 
 
 def sample_task(task: str, key: tuple[int, ...]) -> world.Example:
     """One training example of a shapes-world family or of the auxiliary QueryCat."""
-    return query_cat(world.sample("ChooseCat", key)) if task == "QueryCat" else world.sample(task, key)
+    return query_cat(world.sample("ChooseCat", key)) if task == QUERY_CAT else world.sample(task, key)
 
 
 def development_split(n: int) -> datasets.Dataset:
     """``n`` development questions per family (six families + QueryCat, from the ChooseCat images)."""
     dev = world.make_dataset(n, seed=DEV_SEED)
     cat = dev.filter(lambda row: row["task"] == "ChooseCat")
-    cat = cat.map(lambda row: {"task": "QueryCat", "question": row["question"].split(",")[0] + "?"})
+    cat = cat.map(lambda row: {"task": QUERY_CAT, "question": query_cat_question(row["question"])})
     return datasets.concatenate_datasets([dev, cat])
 
 
@@ -532,7 +541,7 @@ def export(model, processor, state: TrainState, args) -> None:
     processor.save_pretrained(tmp)
     log = {
         "command": "python -m shapes_world.train",
-        "arguments": {k: v for k, v in vars(args).items() if k not in ("out", "state_dir")},
+        "arguments": {k: v for k, v in vars(args).items() if k not in PATH_ARGUMENTS},
         "wall_clock_seconds": round(state.seconds, 1),
         "alignment_steps": state.align_step,
         "alignment_nearest_word_accuracy": state.align_accuracy,
@@ -635,9 +644,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--dev-n", type=int, default=50, help="development questions per family")
     args = parser.parse_args(argv)
-    unknown = [t for t in args.curriculum if t not in (*world.TASKS, "QueryCat")]
+    unknown = [t for t in args.curriculum if t not in FAMILIES]
     if unknown:
-        parser.error(f"--curriculum: unknown family {unknown[0]!r} (known: {', '.join((*world.TASKS, 'QueryCat'))})")
+        parser.error(f"--curriculum: unknown family {unknown[0]!r} (known: {', '.join(FAMILIES)})")
     return args
 
 

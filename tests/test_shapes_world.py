@@ -208,10 +208,10 @@ def test_checkpoint_is_what_make_toy_model_trains():
     to the end, and the exported weights are those of its best development step."""
     from transformers import LlavaForConditionalGeneration
 
-    from shapes_world.train import build_model, build_processor, parse_args
+    from shapes_world.train import PATH_ARGUMENTS, build_model, build_processor, parse_args
 
     log = json.loads((CHECKPOINT / "training_log.json").read_text())
-    defaults = {k: v for k, v in vars(parse_args([])).items() if k not in ("out", "state_dir")}
+    defaults = {k: v for k, v in vars(parse_args([])).items() if k not in PATH_ARGUMENTS}
     assert log["arguments"] == defaults and log["curriculum"] == defaults["curriculum"]
     assert log["steps"] == defaults["steps"] and log["history"][-1]["step"] == defaults["steps"]
     best = max(log["history"], key=lambda h: (min(h[t] for t in world.TASKS), sum(h[t] for t in world.TASKS)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pandas as pd
@@ -55,6 +56,14 @@ def test_notebooks_have_plain_parameters_cells():
         book = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         tagged = [c for c in book.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(tagged) == 1
+        body = ast.parse(tagged[0].source).body
+        assert all(isinstance(n, ast.Assign) for n in body)
+        for node in body:
+            ast.literal_eval(node.value)  # raises unless the value is a plain literal
+        names = [n.targets[0].id for n in body]
+        # papermill's own inspection (``papermill --help-notebook``) lists every parameter, with its literal default
+        inspected = pm.inspect_notebook(NOTEBOOKS / f"{name}.ipynb")
+        assert list(inspected) == names, f"{name}: papermill cannot parse some parameter lines"
         assert all(not c.get("outputs") for c in book.cells if c.cell_type == "code"), "sources are stored clean"
 
 

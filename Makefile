@@ -1,22 +1,33 @@
-# mmflow: every set-up step lives here; README and CI call these targets exactly.
+# mmflow: every set-up step lives here; README and CI call these targets exactly. `make` alone lists them.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-# Parameters of `make reproduce` (defaults: the embedded model and data, offline).
+# Parameters of `make reproduce` (defaults: the embedded model and data, offline). Paths may be relative.
 MODEL  ?= shapes-llava
 DATA   ?= shapes
 IMAGES ?=
 DEVICE ?= cpu
 DTYPE  ?= float32
-N      ?= 0
+N      ?=
 OUT    ?= figures
-NOTEBOOKS := 1_to_last_flow 2_image_to_question 3_patch_groups 4_answer_casing 5_overview
-EXECUTED  := notebooks/executed
+CACHE  ?= results
 
-.PHONY: venv test reproduce bench toy-model toy-eval clean
-venv: $(STAMP)
+EXECUTED  := notebooks/executed
+SOURCES   := $(sort $(wildcard notebooks/[0-9]*_*.ipynb))
+RUNS      := $(patsubst notebooks/%,$(EXECUTED)/%,$(SOURCES))
+OVERVIEW  := $(filter %_overview.ipynb,$(RUNS))
+ANALYSES  := $(filter-out $(OVERVIEW),$(RUNS))
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test lint format reproduce bench toy-model toy-eval clean FORCE
+
+help: ## list the targets
+	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=...]"
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+venv: $(STAMP) ## create or refresh .venv from requirements.lock
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "mmflow needs $(PYTHON) on PATH (or: make PYTHON=/path/to/python3.11 ...)"; exit 1; }
@@ -26,27 +37,33 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name mmflow --display-name "mmflow" >/dev/null
 	@rm -f $(VENV)/.installed-* && touch $@
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+test: $(STAMP) lint ## lint, doctests and the test suite (every notebook with its smoke parameters)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --doctest-modules mmflow tests
 
-reproduce: $(STAMP)
-	@mkdir -p $(EXECUTED) $(OUT)
-	@set -e; for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb"; \
-	  $(PY) -m papermill --kernel mmflow --progress-bar --cwd notebooks notebooks/$$nb.ipynb $(EXECUTED)/$$nb.ipynb \
-	    -p model "$(MODEL)" -p data "$(DATA)" -p images "$(IMAGES)" -p device "$(DEVICE)" -p dtype "$(DTYPE)" \
-	    -p n_per_task $(N) -p out_dir "$(abspath $(OUT))" \
-	    || { echo "make reproduce: notebook $$nb failed (see the cell named above; executed copy in $(EXECUTED)/$$nb.ipynb)"; exit 1; }; \
-	done
+lint: $(STAMP) ## ruff on the code and the notebooks
+	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+format: $(STAMP) ## ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+
+reproduce: $(RUNS) ## run every notebook headlessly -> OUT/*.png|pdf|csv, executed copies in notebooks/executed/
+
+$(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
+	@$(PY) -m mmflow.execute $< $@ --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --device "$(DEVICE)" \
+	  --dtype "$(DTYPE)" --n "$(N)" --out-dir "$(OUT)" --cache-dir "$(CACHE)"
+
+$(OVERVIEW): $(ANALYSES) # the overview reads the figures' CSVs the analyses write
+
+bench: $(STAMP) ## the knockout engines side by side (speed, memory, agreement)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench.py
 
-toy-model: $(STAMP)
+toy-model: $(STAMP) ## retrain the embedded shapes-llava (resumable)
 	$(PY) -m shapes_world.train
 
-toy-eval: $(STAMP)
+toy-eval: $(STAMP) ## held-out accuracy of shapes-llava
 	$(PY) -m shapes_world.evaluate
 
-clean:
+clean: ## remove the executed notebooks and the results cache
 	rm -rf $(EXECUTED) results
+
+FORCE:

@@ -36,8 +36,12 @@ def _status_mib(field: str) -> float:
 def peak_memory(engine: str, layers: int) -> float:
     """Peak resident memory (MiB) of one engine's sweeps of the four flows above the warmed-up model, measured in a
     fresh process (the allocator of a long-lived one reuses freed memory and hides peaks)."""
-    out = subprocess.run([sys.executable, __file__, "--memory-engine", engine, "--layers", str(layers)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-engine", engine, "--layers", str(layers)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return float(out.strip().splitlines()[-1])
 
 
@@ -56,13 +60,32 @@ def llava15_geometry_model(layers: int = 32, hidden: int = 256, vocab: int = 320
     """A random LLaVA-1.5-shaped model and an input with its token groups (no tokenizer needed):
     BOS + 3 tokens | 576 image tokens | newline | 14 question tokens | 20 tail tokens (last = 614)."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=128, intermediate_size=512,
-                              num_hidden_layers=2, num_attention_heads=4)
-    text = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=688, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=4, initializer_range=0.05, max_position_embeddings=1024)
+    vision = CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=688,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        initializer_range=0.05,
+        max_position_embeddings=1024,
+    )
     image_token = vocab - 1
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     model = LlavaForConditionalGeneration(config).eval()
     text_ids = torch.randint(3, vocab - 2, (3 + 1 + 14 + 20,))
     ids = torch.cat([torch.tensor([1]), text_ids[:3], torch.full((576,), image_token), text_ids[3:]])[None]
@@ -87,8 +110,8 @@ def compare(name: str, model, encoded, window: int) -> dict[str, float]:
     for flow in FLOWS:  # the sweeps alone: the clean run is shared by all flows of an example
         with torch.inference_mode():
             clean, cached = mu.clean_run(model, encoded), mu.clean_run(model, encoded, keep_cache=True)
-        naive, t_naive = timed(lambda: mu.knockout_sweep(model, encoded, [flow], window, "naive", clean=clean))
-        fast, t_fast = timed(lambda: mu.knockout_sweep(model, encoded, [flow], window, "fast", clean=cached))
+        naive, t_naive = timed(lambda f=flow, c=clean: mu.knockout_sweep(model, encoded, [f], window, "naive", clean=c))
+        fast, t_fast = timed(lambda f=flow, c=cached: mu.knockout_sweep(model, encoded, [f], window, "fast", clean=c))
         diff = float((naive.p_new - fast.p_new).abs().max())
         max_diff = max(max_diff, diff)
         stats[flow] = t_naive / t_fast
@@ -134,13 +157,19 @@ def main() -> None:
     compare("(b) embedded shapes-llava", run.model, run.encode(example), mu.default_window(mu.num_layers(run.model)))
 
     memory = {engine: peak_memory(engine, args.layers) for engine in mu.ENGINES}
-    print("\npeak memory above the loaded model, model (a), four flows: "
-          + ", ".join(f"{engine} {mib:.0f} MiB" for engine, mib in memory.items()))
+    print(
+        "\npeak memory above the loaded model, model (a), four flows: "
+        + ", ".join(f"{engine} {mib:.0f} MiB" for engine, mib in memory.items())
+    )
     bf16 = bf16_difference(model, encoded, 9, layers=[0, args.layers // 3, args.layers // 2, args.layers - 1])
-    print(f"\nbf16 (information): max |delta relative change| between engines on model (a) = {bf16:.3f} percentage points")
+    print(
+        f"\nbf16 (information): max |delta relative change| between engines on model (a) = {bf16:.3f} percentage points"
+    )
     to_last = min(a[f] for f in FLOWS[:3])
-    print(f"bench: to_last_speedup={to_last:.1f} image_question_speedup={a['Image->Question']:.1f} "
-          f"example_speedup={a['example']:.1f} max_abs_diff={a['max_abs_diff']:.2e}")
+    print(
+        f"bench: to_last_speedup={to_last:.1f} image_question_speedup={a['Image->Question']:.1f} "
+        f"example_speedup={a['example']:.1f} max_abs_diff={a['max_abs_diff']:.2e}"
+    )
 
 
 if __name__ == "__main__":

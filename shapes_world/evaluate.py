@@ -13,7 +13,8 @@ from collections import defaultdict
 
 import torch
 
-import mmflow_utils as mu
+from mmflow.models import EMBEDDED_MODEL, load_model
+from mmflow.paper import llava15_prompt
 from shapes_world import world
 
 
@@ -22,7 +23,7 @@ def first_token_predictions(model, processor, questions: list[str], images: list
     """The argmax next token after each prompt (decoded, without surrounding spaces)."""
     predictions: list[str] = []
     for start in range(0, len(questions), batch_size):
-        texts = [world.prompt(q) for q in questions[start : start + batch_size]]
+        texts = [llava15_prompt(q) for q in questions[start : start + batch_size]]
         inputs = processor(text=texts, images=images[start : start + batch_size], padding=True, return_tensors="pt")
         logits = model(**inputs).logits
         last = inputs["attention_mask"].sum(dim=1) - 1
@@ -44,12 +45,12 @@ def first_token_accuracy(model, processor, dataset, blank: bool = False) -> dict
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=mu.EMBEDDED_MODEL, help="model name or folder (see mmflow_utils.load_model)")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="model name or folder (see mmflow.models.load_model)")
     parser.add_argument("--n", type=int, default=200, help="questions per family")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, processor = mu.load_model(args.model)
+    model, processor = load_model(args.model)
     dataset = world.make_dataset(args.n, world.EVAL_SEED)
     accuracy = first_token_accuracy(model, processor, dataset)
     blank = first_token_accuracy(model, processor, dataset, blank=True)

@@ -75,6 +75,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from mmflow.paper import llava15_prompt
 from shapes_world import world
 from shapes_world.evaluate import first_token_accuracy
 
@@ -99,8 +100,40 @@ DESCRIBE_TURN = "USER: Describe the image. ASSISTANT:"
 def vocabulary() -> list[str]:
     """All words of the prompts, questions, answers and grounding sentences (plus Capitalized answer words)."""
     words = set(
-        "user assistant answer the question using a single word or phrase describe image is which shape to of what do "
-        "and have in common are there either that part on share background".split()
+        [
+            "user",
+            "assistant",
+            "answer",
+            "the",
+            "question",
+            "using",
+            "a",
+            "single",
+            "word",
+            "or",
+            "phrase",
+            "describe",
+            "image",
+            "is",
+            "which",
+            "shape",
+            "to",
+            "of",
+            "what",
+            "do",
+            "and",
+            "have",
+            "in",
+            "common",
+            "are",
+            "there",
+            "either",
+            "that",
+            "part",
+            "on",
+            "share",
+            "background",
+        ]
     )
     words |= {"USER", "ASSISTANT", "Answer", "Describe", "Is", "Which", "What", "Are", "In"}
     answers = set(world.SHAPES) | set(world.COLORS) | set(world.MATERIALS) | set(world.SIZES) | set(world.SIDES)
@@ -147,7 +180,7 @@ def build_processor() -> LlavaProcessor:
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int, tied: bool = True) -> LlavaForConditionalGeneration:
-    """A freshly initialised tiny LLaVA (seeded), with the LM head tied to the input embeddings unless ``tied=False``."""
+    """A freshly initialised tiny LLaVA (seeded); the LM head is tied to the input embeddings unless ``tied=False``."""
     torch.manual_seed(seed)
     text = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -216,7 +249,7 @@ def word_aware_init(model: LlavaForConditionalGeneration, tokenizer: PreTrainedT
 # ------------------------------------------------------------------------------------ grounding sentences
 
 
-def describe(example: world.Example, rng: np.random.Generator) -> str:
+def describe(example: world.SceneQuestion, rng: np.random.Generator) -> str:
     """Lowercase grounding sentences about the example's scene (objects in random order), including sentences that
     look objects up by an attribute value (``the red shape is the circle .``,
     ``are there either circles or squares that are red ? no .``)."""
@@ -257,7 +290,7 @@ def attribute_keyed_sentences(objects: list[world.Obj], rng: np.random.Generator
 # ------------------------------------------------------------------------------------ auxiliary family
 
 
-def query_cat(example: world.Example) -> world.Example:
+def query_cat(example: world.SceneQuestion) -> world.SceneQuestion:
     """The training-only family QueryCat: a ChooseCat question without its options ("Which shape is red?").
 
     Looking an object up by an attribute value and reading its shape is the same circuit ChooseCat needs, but without
@@ -274,7 +307,7 @@ def query_cat_question(choose_cat_question: str) -> str:
     return choose_cat_question.split(",")[0] + "?"
 
 
-def sample_task(task: str, key: tuple[int, ...]) -> world.Example:
+def sample_task(task: str, key: tuple[int, ...]) -> world.SceneQuestion:
     """One training example of a shapes-world family or of the auxiliary QueryCat."""
     return query_cat(world.sample("ChooseCat", key)) if task == QUERY_CAT else world.sample(task, key)
 
@@ -305,10 +338,12 @@ def image_token_count(processor: LlavaProcessor) -> int:
     return (world.IMAGE_SIZE // processor.patch_size) ** 2 + processor.num_additional_image_tokens - 1
 
 
-def encode_sequence(processor: LlavaProcessor, example: world.Example, description: str | None, desc_weight: float):
+def encode_sequence(
+    processor: LlavaProcessor, example: world.SceneQuestion, description: str | None, desc_weight: float
+):
     """Token ids and loss weights of one training sequence (prompt expanded exactly as the processor does)."""
     tok = processor.tokenizer
-    text = world.prompt(example.question).replace("<image>", "<image>" * image_token_count(processor))
+    text = llava15_prompt(example.question).replace("<image>", "<image>" * image_token_count(processor))
     ids = tok(text).input_ids
     weights = [0.0] * len(ids)
     answer = tok(f" {example.answer.capitalize()}</s>", add_special_tokens=False).input_ids
@@ -322,7 +357,9 @@ def encode_sequence(processor: LlavaProcessor, example: world.Example, descripti
     return ids, weights
 
 
-def collate(processor: LlavaProcessor, examples: list[world.Example], descriptions: list, desc_weight: float) -> Batch:
+def collate(
+    processor: LlavaProcessor, examples: list[world.SceneQuestion], descriptions: list, desc_weight: float
+) -> Batch:
     """Right-padded batch of training sequences."""
     encoded = [encode_sequence(processor, ex, d, desc_weight) for ex, d in zip(examples, descriptions)]
     length = max(len(ids) for ids, _ in encoded)
@@ -340,7 +377,9 @@ def collate(processor: LlavaProcessor, examples: list[world.Example], descriptio
 
 def weighted_lm_loss(model: LlavaForConditionalGeneration, batch: Batch) -> torch.Tensor:
     """Next-token cross-entropy weighted per target token, averaged over sequences."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values).logits
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+    ).logits
     targets = batch.input_ids[:, 1:]
     nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
     return (nll * batch.weights[:, 1:]).sum() / batch.input_ids.shape[0]
@@ -415,12 +454,14 @@ def alignment_loss(model, tokenizer, tokens: torch.Tensor, scenes: list) -> torc
     return ce + 10 * F.mse_loss(tokens, targets)
 
 
-def train_alignment(model, processor, args, state: "TrainState") -> None:
+def train_alignment(model, processor, args, state: TrainState) -> None:
     """Stage 1: fit vision tower + projector so that image tokens match their words' embeddings."""
     tokenizer = processor.tokenizer
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.align_lr, weight_decay=0.0)
-    bar = tqdm(range(state.align_step, args.align_steps), desc="align", initial=state.align_step, total=args.align_steps)
+    bar = tqdm(
+        range(state.align_step, args.align_steps), desc="align", initial=state.align_step, total=args.align_steps
+    )
     for step in bar:
         rng = np.random.default_rng([world.TRAIN_NAMESPACE, args.seed, 0, step])
         scenes = [world.random_scene(rng) for _ in range(args.batch_size)]
@@ -478,7 +519,7 @@ def export_score(state: TrainState, args) -> list[float]:
     return [float(grounded), min(values), sum(values) / len(values)]
 
 
-def training_examples(state: TrainState, args) -> tuple[list[world.Example], list[str | None]]:
+def training_examples(state: TrainState, args) -> tuple[list[world.SceneQuestion], list[str | None]]:
     """The batch of step ``state.step`` (a deterministic function of seed, step and curriculum state)."""
     rng = np.random.default_rng([world.TRAIN_NAMESPACE, args.seed, 1, state.step])
     weights = task_weights(state, args.curriculum, args.replay)
@@ -529,7 +570,11 @@ def save_state(state_dir: Path, model, optimizer, state: TrainState) -> None:
     """Atomically write the resumable training state."""
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / "state.pt.tmp"
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None, "state": asdict(state)}
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer else None,
+        "state": asdict(state),
+    }
     torch.save(payload, tmp)
     os.replace(tmp, state_dir / "state.pt")
 
@@ -612,8 +657,18 @@ def train(args) -> None:
         if state.step % args.eval_every == 0 or state.step == args.steps:
             state.dev_accuracy = evaluate_dev(model, processor, dev)
             score = export_score(state, args)
-            state.history.append({"step": state.step, "seconds": round(state.seconds), "loss": round(loss.item(), 4), **state.dev_accuracy})
-            tqdm.write(f"step {state.step} ({state.seconds / 60:.1f} min) dev " + " ".join(f"{t}={a:.2f}" for t, a in state.dev_accuracy.items()))
+            state.history.append(
+                {
+                    "step": state.step,
+                    "seconds": round(state.seconds),
+                    "loss": round(loss.item(), 4),
+                    **state.dev_accuracy,
+                }
+            )
+            tqdm.write(
+                f"step {state.step} ({state.seconds / 60:.1f} min) dev "
+                + " ".join(f"{t}={a:.2f}" for t, a in state.dev_accuracy.items())
+            )
             if score > state.best_score:
                 state.best_score, state.best_step = score, state.step
                 export(model, processor, state, args)
@@ -624,7 +679,10 @@ def train(args) -> None:
     save_state(state_dir, model, optimizer, state)
     model.load_state_dict(torch.load(state_dir / "best.pt"))
     export(model, processor, state, args)
-    tqdm.write(f"done: exported step {state.best_step} (dev min/mean accuracy {state.best_score[1]:.3f}/{state.best_score[2]:.3f}) to {args.out}")
+    tqdm.write(
+        f"done: exported step {state.best_step} (dev min/mean accuracy "
+        f"{state.best_score[1]:.3f}/{state.best_score[2]:.3f}) to {args.out}"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -42,8 +42,6 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from mmflow_utils import LLAVA15_TEMPLATE, TASKS
-
 EVAL_SEED = 20250611
 TRAIN_NAMESPACE = 7_000_001  # first entropy word of every training example's seed; never an evaluation seed
 
@@ -71,10 +69,10 @@ MAX_JITTER = 1.0  # max offset (px) of an object's centre from its cell's centre
 # Probability of asking about colour / material / size in the attribute-based families.
 ATTRIBUTE_WEIGHTS = {"color": 0.5, "material": 0.25, "size": 0.25}
 
-PROMPT = LLAVA15_TEMPLATE  # the companion's LLaVA-1.5 prompt, shared with the analysis code
 
 BOX_COLUMNS = ("x", "y", "w", "h")
-OBJECT_PREFIXES = ("central object", "object1", "object2")
+#: CSV column prefixes of the objects a question is about (as in the paper's GQA CSVs)
+ROLE_COLUMNS = ("central object", "object1", "object2")
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class Obj:
 
     @property
     def side(self) -> str:
-        """"left" or "right": the image half holding the object's cell."""
+        """ "left" or "right": the image half holding the object's cell."""
         return "left" if self.cell[0] < GRID // 2 else "right"
 
     def attribute(self, name: str) -> str:
@@ -98,7 +96,7 @@ class Obj:
 
 
 @dataclass(frozen=True)
-class Example:
+class SceneQuestion:
     """A rendered scene with one question; ``boxes`` maps each object's shape to its (x, y, w, h) box."""
 
     task: str
@@ -215,7 +213,12 @@ def render(objects: list[Obj] | tuple[Obj, ...], rng: np.random.Generator) -> tu
         mask, rgb = _object_pixels(obj, rng)
         canvas[mask] = rgb[mask]
         ys, xs = np.nonzero(mask)
-        boxes[obj.shape] = (float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1))
+        boxes[obj.shape] = (
+            float(xs.min()),
+            float(ys.min()),
+            float(xs.max() - xs.min() + 1),
+            float(ys.max() - ys.min() + 1),
+        )
     canvas += rng.normal(0.0, NOISE_STD, canvas.shape)
     return Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB"), boxes
 
@@ -322,9 +325,11 @@ _BUILDERS = {
     "LogicalObj": _logical_obj,
     "QueryAttr": _query_attr,
 }
+#: The six families, in the paper's order (equal to ``mmflow.paper.TASKS``, tested; datasets seed by this order).
+TASKS = tuple(_BUILDERS)
 
 
-def sample(task: str, key: tuple[int, ...] | list[int], slot: int | None = None) -> Example:
+def sample(task: str, key: tuple[int, ...] | list[int], slot: int | None = None) -> SceneQuestion:
     """Generate one example of ``task``, fully determined by the integer ``key`` (a numpy seed sequence).
 
     ``slot`` (the example's index in an evaluation split) cycles the gold answer through the task's answer set,
@@ -335,13 +340,13 @@ def sample(task: str, key: tuple[int, ...] | list[int], slot: int | None = None)
     scene = random_scene(rng)
     question, answer, true_opt, false_opt, roles = _BUILDERS[task](rng, scene, slot)
     image, boxes = render(scene, rng)
-    return Example(task, question, answer, true_opt, false_opt, tuple(scene), roles, image, boxes)
+    return SceneQuestion(task, question, answer, true_opt, false_opt, tuple(scene), roles, image, boxes)
 
 
 # ---------------------------------------------------------------------------------------------- dataset
 
 
-def example_row(example: Example, question_id: str, img_id: str) -> dict:
+def example_row(example: SceneQuestion, question_id: str, img_id: str) -> dict:
     """One dataset row with the GQA CSV column names (None where not applicable)."""
     row: dict = {
         "question_id": question_id,
@@ -352,7 +357,7 @@ def example_row(example: Example, question_id: str, img_id: str) -> dict:
         "true option": example.true_option,
         "false option": example.false_option,
     }
-    for prefix in OBJECT_PREFIXES:
+    for prefix in ROLE_COLUMNS:
         name = example.roles.get(prefix)
         box = example.boxes.get(name) if name is not None else None
         row[f"{prefix} name"] = name
@@ -366,8 +371,11 @@ def example_row(example: Example, question_id: str, img_id: str) -> dict:
 
 def dataset_features() -> datasets.Features:
     """The schema of :func:`make_dataset`."""
-    features: dict = {name: datasets.Value("string") for name in ("question_id", "img_id", "task", "question", "answer", "true option", "false option")}
-    for prefix in OBJECT_PREFIXES:
+    features: dict = {
+        name: datasets.Value("string")
+        for name in ("question_id", "img_id", "task", "question", "answer", "true option", "false option")
+    }
+    for prefix in ROLE_COLUMNS:
         features[f"{prefix} name"] = datasets.Value("string")
         for column in BOX_COLUMNS:
             features[f"{prefix} {column}"] = datasets.Value("float64")
@@ -387,8 +395,3 @@ def make_dataset(n_per_task: int, seed: int = EVAL_SEED, tasks=TASKS) -> dataset
             rows.append(example_row(ex, question_id=f"{seed}-{task}-{i:05d}", img_id=f"{seed}-{t}-{i:05d}"))
     columns = {name: [row[name] for row in rows] for name in dataset_features()}
     return datasets.Dataset.from_dict(columns, features=dataset_features())
-
-
-def prompt(question: str) -> str:
-    """The LLaVA-1.5 single-turn prompt for ``question``."""
-    return PROMPT.format(question=question)

@@ -4,19 +4,53 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+import mmflow.runs
 import mmflow_utils as mu
 
-CHOOSE_ATTR_COLUMNS = ["question_id", "img_id", "question", "answer", "true option", "false option",
-                       "central object name", "central object id", "image_w", "image_h", "central object w",
-                       "central object h", "central object x", "central object y"]
-REL_COLUMNS = ["question_id", "img_id", "question", "answer", "true option", "false option", "object1 name",
-               "object1 id", "object2 name", "object2 id", "image_w", "image_h", "object1 w", "object1 h", "object1 x",
-               "object1 y", "object2 w", "object2 h", "object2 x", "object2 y"]
+CHOOSE_ATTR_COLUMNS = [
+    "question_id",
+    "img_id",
+    "question",
+    "answer",
+    "true option",
+    "false option",
+    "central object name",
+    "central object id",
+    "image_w",
+    "image_h",
+    "central object w",
+    "central object h",
+    "central object x",
+    "central object y",
+]
+REL_COLUMNS = [
+    "question_id",
+    "img_id",
+    "question",
+    "answer",
+    "true option",
+    "false option",
+    "object1 name",
+    "object1 id",
+    "object2 name",
+    "object2 id",
+    "image_w",
+    "image_h",
+    "object1 w",
+    "object1 h",
+    "object1 x",
+    "object1 y",
+    "object2 w",
+    "object2 h",
+    "object2 x",
+    "object2 y",
+]
 
 
 def write_csv(path, columns, rows):
@@ -31,14 +65,56 @@ def gqa(tmp_path):
     csvs, images = tmp_path / "csv", tmp_path / "images"
     csvs.mkdir(), images.mkdir()
     Image.new("RGB", (64, 48), (10, 20, 30)).save(images / "img1.jpg")
-    write_csv(csvs / "GQA_val_correct_question_with_choose_ChooseAttr.csv", CHOOSE_ATTR_COLUMNS, [
-        ["101", "img1", "Is the jar full or empty?", "empty", "empty", "full", "jar", "5", "64", "48", "10", "12", "3",
-         "4"],
-    ])
-    write_csv(csvs / "GQA_val_correct_question_with_relChooser_ChooseRel.csv", REL_COLUMNS, [
-        ["201", "img1", "Is the surfer to the left or to the right of the surfboard?", "right", "right", "left",
-         "surfboard", "7", "surfer", "8", "64", "48", "20", "10", "1", "2", "5", "6", "40", "30"],
-    ])
+    write_csv(
+        csvs / "GQA_val_correct_question_with_choose_ChooseAttr.csv",
+        CHOOSE_ATTR_COLUMNS,
+        [
+            [
+                "101",
+                "img1",
+                "Is the jar full or empty?",
+                "empty",
+                "empty",
+                "full",
+                "jar",
+                "5",
+                "64",
+                "48",
+                "10",
+                "12",
+                "3",
+                "4",
+            ],
+        ],
+    )
+    write_csv(
+        csvs / "GQA_val_correct_question_with_relChooser_ChooseRel.csv",
+        REL_COLUMNS,
+        [
+            [
+                "201",
+                "img1",
+                "Is the surfer to the left or to the right of the surfboard?",
+                "right",
+                "right",
+                "left",
+                "surfboard",
+                "7",
+                "surfer",
+                "8",
+                "64",
+                "48",
+                "20",
+                "10",
+                "1",
+                "2",
+                "5",
+                "6",
+                "40",
+                "30",
+            ],
+        ],
+    )
     return csvs, images
 
 
@@ -47,7 +123,12 @@ def test_load_gqa(gqa):
     examples = mu.load_examples(str(csvs), str(images), tasks=["ChooseAttr", "ChooseRel"])
     attr, rel = examples
     assert (attr.task, attr.answer, attr.options, attr.objects, attr.boxes) == (
-        "ChooseAttr", "empty", ("empty", "full"), ["jar"], [(3.0, 4.0, 10.0, 12.0)])
+        "ChooseAttr",
+        "empty",
+        ("empty", "full"),
+        ["jar"],
+        [(3.0, 4.0, 10.0, 12.0)],
+    )
     assert rel.objects == ["surfboard", "surfer"] and rel.boxes == [(1.0, 2.0, 20.0, 10.0), (40.0, 30.0, 5.0, 6.0)]
     assert attr.image().size == (64, 48) == attr.image_size
 
@@ -58,7 +139,9 @@ def test_gqa_errors_name_the_culprit(gqa):
     rows = list(csv.reader(path.open()))
     rows[1][-2] = "wide"  # a malformed box coordinate
     write_csv(path, rows[0], rows[1:])
-    with pytest.raises(mu.MmflowError, match="ChooseAttr.csv line 2: column 'central object x' must be a number, got 'wide'"):
+    with pytest.raises(
+        mu.MmflowError, match="ChooseAttr.csv line 2: column 'central object x' must be a number, got 'wide'"
+    ):
         mu.load_gqa(csvs, images, ["ChooseAttr"])
     write_csv(path, rows[0], [rows[1][:5]])
     with pytest.raises(mu.MmflowError, match="ChooseAttr.csv line 2: wrong number of fields"):
@@ -85,8 +168,18 @@ def examples_for(run, n=4):
     out = []
     for i in range(n):
         image = Image.new("RGB", (70, 50), (40 * i, 90, 200 - 30 * i))
-        ex = mu.Example(f"ex{i}", "ChooseAttr", "Is the square red or blue?", "zzz", (70, 50), ["square"],
-                        [(5.0 * i, 4.0, 20.0, 20.0)], "red", "blue", _image=image)
+        ex = mu.Example(
+            f"ex{i}",
+            "ChooseAttr",
+            "Is the square red or blue?",
+            "zzz",
+            (70, 50),
+            ["square"],
+            [(5.0 * i, 4.0, 20.0, 20.0)],
+            "red",
+            "blue",
+            _image=image,
+        )
         if i < 2:
             ex.answer = mu.greedy_answer(run.model, run.processor, run.encode(ex)).strip()
         out.append(ex)
@@ -111,8 +204,8 @@ def test_correctness_filter_and_resume(run, monkeypatch):
     assert len(files) == 4
     files[1].unlink()
     calls = []
-    original = mu.knockout_sweep
-    monkeypatch.setattr(mu, "knockout_sweep", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = mmflow.runs.knockout_sweep
+    monkeypatch.setattr(mmflow.runs, "knockout_sweep", lambda *a, **k: calls.append(1) or original(*a, **k))
     rows2, status2 = run.knockout(examples, flows, window=3)
     assert len(calls) == 1 and rows2.equals(rows) and status2.equals(status)
 
@@ -144,11 +237,77 @@ def test_lens_run_rows(run):
     examples = examples_for(run, 2)
     rows, status = run.lens(examples)
     assert status.correct.all()
-    assert set(rows.token) == {"answer (lowercase)", "answer (Capitalized)", "false option (lowercase)",
-                               "false option (Capitalized)"}
+    assert set(rows.token) == {
+        "answer (lowercase)",
+        "answer (Capitalized)",
+        "false option (lowercase)",
+        "false option (Capitalized)",
+    }
     assert set(rows.final_norm) == {True, False}
     assert json.loads(json.dumps(rows.prob.tolist()))  # plain floats, JSON-cacheable
 
 
 def test_default_window_scales_with_depth():
     assert [mu.default_window(n) for n in (8, 16, 24, 32, 40)] == [3, 5, 7, 9, 9]
+
+
+def test_cache_files_are_named_by_content_and_checked_on_read(run):
+    """File names are example digests (never ids from the data); a corrupt or foreign file is named and recomputed."""
+    examples = examples_for(run, 2)
+    examples[0].example_id = "../../escape"  # an id from a CSV must not decide where files go
+    rows, _ = run.knockout(examples, ["Image->Last"], window=3)
+    files = sorted(Path(run.cache_dir).rglob("*.json"))
+    assert sorted(f.stem for f in files) == sorted(e.digest() for e in examples)
+    assert all(f.resolve().is_relative_to(Path(run.cache_dir).resolve()) for f in files)
+    target = next(f for f in files if f.stem == examples[0].digest())
+    other = next(f for f in files if f != target)
+    for bad in ("{trunc", "{}", other.read_text()):
+        target.write_text(bad)
+        with pytest.warns(UserWarning, match=f"unusable cached result {target}"):
+            again, _ = run.knockout(examples, ["Image->Last"], window=3)
+        assert again.equals(rows)
+    assert not list(Path(run.cache_dir).rglob("*.tmp"))
+
+
+def test_a_larger_n_and_a_moved_checkpoint_reuse_the_cache(run, tiny_dirs, tmp_path):
+    examples = examples_for(run, 3)
+    run.knockout(examples[:2], ["Image->Last"], window=3)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_dirs["llava"], moved)
+    again = mu.Run.load(str(moved), cache_dir=run.cache_dir)
+    assert again.fingerprint == run.fingerprint
+    calls = []
+    original = mmflow.runs.Run._check
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mmflow.runs.Run, "_check", lambda self, *a: calls.append(1) or original(self, *a))
+        again.knockout(examples, ["Image->Last"], window=3)
+    assert len(calls) == 1  # only the new example is computed
+
+
+def test_an_edited_example_is_recomputed(run):
+    examples = examples_for(run, 1)
+    run.knockout(examples, ["Image->Last"], window=3)
+    digest = examples[0].digest()
+    examples[0].question = "Is the square blue or red?"
+    assert examples[0].digest() != digest
+    examples[0]._image = examples[0]._image.copy()
+    examples[0]._image.putpixel((0, 0), (1, 2, 3))
+    assert len(list(Path(run.cache_dir).rglob("*.json"))) == 1
+    run.knockout(examples, ["Image->Last"], window=3)
+    assert len(list(Path(run.cache_dir).rglob("*.json"))) == 2
+
+
+def test_duplicate_ids_are_rejected_with_both_named(run):
+    examples = examples_for(run, 2)
+    examples[1].example_id = examples[0].example_id
+    with pytest.raises(mu.MmflowError, match=r"Duplicate example id 'ex0': examples #0 and #1"):
+        run.knockout(examples, ["Image->Last"], window=3)
+    with pytest.raises(mu.MmflowError, match="Duplicate example id"):
+        run.lens(examples)
+
+
+def test_bad_n_is_named():
+    for n in (0, -1, "abc", 2.5):
+        with pytest.raises(mu.MmflowError, match="n \\(questions per task\\) must be a positive integer"):
+            mu.load_examples("shapes", n=n)
+    assert len(mu.load_examples("shapes", tasks=["QueryAttr"])) == mu.DEFAULT_SHAPES_PER_TASK

@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from PIL import Image
 
 import mmflow_utils as mu
-import tiny
 
 QUESTION = "Is the circle to the left or to the right of the square?"
 
@@ -155,7 +155,7 @@ def expected_anyres(W, H, boxes):
     hd_s, hd_l = overlap_sets(boxes, lambda x, y: (x * nw / W + px, y * nh / H + py), rows, cols, tiny.PATCH)
     # unpadding of the feature grid
     r0, r1, c0, c1 = 0, rows, 0, cols
-    if W / H > cols / rows:
+    if cols / rows < W / H:
         pad = (rows - int(round(H * cols / W, 7))) // 2
         r0, r1 = pad, rows - pad
     else:
@@ -172,6 +172,8 @@ def expected_anyres(W, H, boxes):
 
 
 SIZES = [(90, 60), (60, 90), (56, 56), (200, 70), (45, 130), (123, 77)]
+
+
 def box_cases(W, H):
     """Boxes at fixed places (some cropped away by centre crops), a central one, and a sub-patch sliver."""
     fixed = [[(10, 10, 20, 15)], [(0, 0, 12, 12), (30, 20, 25, 35)], [(5.5, 17.2, 3.1, 2.2)]]
@@ -212,7 +214,7 @@ def test_anyres_patch_groups_match_geometry(loaded, size, name):
         labels = mu.image_token_labels(model, processor, size, boxes).tolist()
         assert n_tokens == len(enc.groups["image"])
         discriminating += _check(labels, n_tokens, strict, loose)
-        groups = mu.patch_groups(model, processor, enc, size, boxes)
+        groups = mu.patch_groups(model, processor, enc.groups["image"], size, boxes)
         newlines = [p for p, lab in zip(enc.groups["image"], labels) if lab == mu.NEITHER]
         assert len(newlines) > 0 and not set(newlines) & set(groups["related_patches"] + groups["other_patches"])
         assert sorted(groups["related_patches"] + groups["other_patches"] + newlines) == enc.groups["image"]

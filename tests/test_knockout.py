@@ -16,7 +16,7 @@ def encoded_example(model, processor, size=(90, 60)):
     image = Image.new("RGB", size, (30, 30, 30))
     image.paste((220, 40, 40), (10, 10, 40, 35))
     enc = mu.encode(processor, image, QUESTION, options=("left", "right"), objects=["circle", "square"])
-    enc.groups.update(mu.patch_groups(model, processor, enc, size, [(10, 10, 30, 25)]))
+    enc.groups.update(mu.patch_groups(model, processor, enc.groups["image"], size, [(10, 10, 30, 25)]))
     return enc
 
 
@@ -28,7 +28,14 @@ def test_fast_equals_naive(loaded, name, window, budget):
     naive = mu.knockout_sweep(model, enc, ALL_FLOWS, window=window, engine="naive")
     fast = mu.knockout_sweep(model, enc, ALL_FLOWS, window=window, engine="fast", token_budget=budget)
     assert len(naive) == len(ALL_FLOWS) * mu.num_layers(model)
-    assert (naive[["flow", "layer", "window_start", "window_end"]] == fast[["flow", "layer", "window_start", "window_end"]]).all().all()
+    assert (
+        (
+            naive[["flow", "layer", "window_start", "window_end"]]
+            == fast[["flow", "layer", "window_start", "window_end"]]
+        )
+        .all()
+        .all()
+    )
     assert (naive.p_new - fast.p_new).abs().max() <= 1e-5
     assert (naive.p_base - fast.p_base).abs().max() <= 1e-6
     # the knockouts do something, so the agreement is meaningful (pitfall: a mask arriving as None)
@@ -47,14 +54,53 @@ def test_fast_equals_naive_eager(tiny_dirs):
 
 @pytest.mark.parametrize("engine", mu.ENGINES)
 def test_empty_knockout_reproduces_clean(loaded, engine):
+    """An empty window (no layer cut) through each engine, and an empty Knockout through the primitive."""
+    from mmflow.engines import ENGINES, knockout_attention
+
     model, processor = loaded("llava")
     enc = encoded_example(model, processor)
-    result = mu.knockout_sweep(model, enc, list(mu.FLOWS), window=0, engine=engine)
-    assert (result.window_end < result.window_start).all()
-    assert torch.allclose(torch.tensor(result.p_new.values), torch.tensor(result.p_base.values), atol=1e-7, rtol=0)
     with torch.inference_mode():
+        clean_probs = model(**enc.inputs).logits[0, -1].softmax(-1)
+        with knockout_attention(model) as base:
+            clean = mu.clean_run(model, enc, keep_cache=ENGINES[engine].needs_cache)
+            for flow in mu.FLOWS:
+                if flow in mu.PATCH_FLOWS:
+                    continue
+                sources, targets = mu.flow_positions(flow, enc.groups)
+                p_new = ENGINES[engine].sweep(model, enc, clean, base, sources, targets, [range(0)], 256)
+                assert abs(p_new[0] - clean.p_base) < 1e-7
+            empty = model(**enc.inputs, knockout=mu.Knockout({})).logits[0, -1].softmax(-1)
+    assert abs(clean_probs.max().item() - clean.p_base) < 1e-6
+    assert torch.allclose(empty, clean_probs, atol=1e-7, rtol=0)
+
+
+def test_bad_sweep_parameters_are_named(loaded):
+    model, processor = loaded("llava")
+    enc = encoded_example(model, processor)
+    for window in (0, -1, 2.5, True):
+        with pytest.raises(mu.MmflowError, match="window must be a positive integer"):
+            mu.knockout_sweep(model, enc, ["Image->Last"], window=window)
+    with pytest.raises(mu.MmflowError, match=r"layers must lie in 0\.\."):
+        mu.knockout_sweep(model, enc, ["Image->Last"], window=3, layers=[99])
+    with pytest.raises(mu.MmflowError, match=r"layers must lie in"):
+        mu.knockout_sweep(model, enc, ["Image->Last"], window=3, layers=[-1])
+    with pytest.raises(mu.MmflowError, match="flows is empty"):
+        mu.knockout_sweep(model, enc, [], window=3)
+
+
+def test_one_off_knockout_primitive(loaded):
+    """The two-line call-site intervention equals the sweep's value for the same window."""
+    model, processor = loaded("llava")
+    enc = encoded_example(model, processor)
+    sources, targets = mu.flow_positions("Question->Last", enc.groups)
+    layers = mu.window_layers(1, 3, mu.num_layers(model))
+    cut = mu.block_mask([(targets, sources)], enc.length, enc.length)
+    with torch.inference_mode(), mu.knockout_attention(model):
         clean = model(**enc.inputs).logits[0, -1].softmax(-1)
-    assert abs(clean.max().item() - result.p_base.iloc[0]) < 1e-6
+        out = model(**enc.inputs, knockout=mu.Knockout({j: cut for j in layers})).logits[0, -1].softmax(-1)
+    answer = int(clean.argmax())
+    swept = mu.knockout_sweep(model, enc, ["Question->Last"], window=3, layers=[1])
+    assert abs(out[answer].item() - swept.p_new.iloc[0]) < 1e-6
 
 
 def last_position_by_hand(model, embeds: torch.Tensor) -> torch.Tensor:

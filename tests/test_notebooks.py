@@ -12,13 +12,29 @@ import pytest
 import mmflow_utils as mu
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-FIGURES = {
-    "1_to_last_flow": ["fig1_to_last"],
-    "2_image_to_question": ["fig2_image_to_question"],
-    "3_patch_groups": ["fig3_patch_groups", "fig3_patch_groups_example"],
-    "4_answer_casing": ["fig4_answer_casing", "fig4_answer_casing_per_task"],
-    "5_overview": ["fig0_overview"],
-}
+FIGURES = mu.NOTEBOOK_FIGURES
+
+
+def execute(name: str, out: Path, **parameters) -> None:
+    """Run a notebook with the parameters it declares (as ``make reproduce`` does)."""
+    declared = pm.inspect_notebook(NOTEBOOKS / f"{name}.ipynb")
+    parameters = {k: v for k, v in parameters.items() if k in declared}
+    pm.execute_notebook(
+        NOTEBOOKS / f"{name}.ipynb",
+        out,
+        kernel_name="python3",
+        cwd=str(NOTEBOOKS),
+        progress_bar=False,
+        parameters=parameters,
+    )
+
+
+def test_notebooks_and_figures_are_one_list():
+    """Every notebook source is in the figure map and notebook N writes figN_* (the Makefile globs the same folder)."""
+    sources = sorted(p.stem for p in NOTEBOOKS.glob("[0-9]*_*.ipynb"))
+    assert sources == sorted(FIGURES)
+    for name, figures in FIGURES.items():
+        assert all(f.startswith(f"fig{name.split('_')[0]}_") for f in figures), name
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +42,9 @@ def executed(tmp_path_factory):
     """Run all notebooks in order (the overview reads the others' CSVs) into one temporary output folder."""
     root = tmp_path_factory.mktemp("notebooks")
     for name in FIGURES:
-        pm.execute_notebook(NOTEBOOKS / f"{name}.ipynb", root / f"{name}.ipynb", kernel_name="python3",
-                            cwd=str(NOTEBOOKS), progress_bar=False,
-                            parameters={"smoke": True, "out_dir": str(root / "figures"), "cache_dir": str(root / "results")})
+        execute(
+            name, root / f"{name}.ipynb", smoke=True, out_dir=str(root / "figures"), cache_dir=str(root / "results")
+        )
     return root
 
 
@@ -42,9 +58,8 @@ def test_notebook_writes_its_figures(executed, name):
 
 def test_rerun_gives_identical_csvs(executed, tmp_path):
     """A second run from scratch (fresh result cache) writes byte-identical CSVs."""
-    pm.execute_notebook(NOTEBOOKS / "2_image_to_question.ipynb", tmp_path / "again.ipynb", kernel_name="python3",
-                        cwd=str(NOTEBOOKS), progress_bar=False,
-                        parameters={"smoke": True, "out_dir": str(tmp_path / "figures"), "cache_dir": str(tmp_path / "results")})
+    out = {"out_dir": str(tmp_path / "figures"), "cache_dir": str(tmp_path / "results")}
+    execute("2_image_to_question", tmp_path / "again.ipynb", smoke=True, **out)
     name = "fig2_image_to_question.csv"
     assert (tmp_path / "figures" / name).read_bytes() == (executed / "figures" / name).read_bytes()
 
@@ -68,10 +83,14 @@ def test_notebooks_have_plain_parameters_cells():
 
 
 def test_failing_notebook_names_the_cell(tmp_path):
-    with pytest.raises(pm.PapermillExecutionError, match=r'(?s)Exception encountered at "In \[\d+\]".*Unknown task'):
-        pm.execute_notebook(NOTEBOOKS / "2_image_to_question.ipynb", tmp_path / "out.ipynb", kernel_name="python3",
-                            cwd=str(NOTEBOOKS), progress_bar=False,
-                            parameters={"smoke": True, "tasks": ["CountObj"], "out_dir": str(tmp_path)})
+    with pytest.raises(pm.PapermillExecutionError, match=r'(?s)Exception encountered at "In \[\d+\]".*tasks must be'):
+        execute("2_image_to_question", tmp_path / "out.ipynb", smoke=True, tasks=["CountObj"], out_dir=str(tmp_path))
+
+
+def test_overview_writes_computed_verdicts(executed):
+    verdicts = pd.read_csv(executed / "figures" / "verdicts.csv")
+    assert list(verdicts.columns) == ["analysis", "paper", "this_model", "verdict"]
+    assert set(verdicts.verdict) <= {"agrees", "mostly agrees", "partly", "differs"} and len(verdicts) == 6
 
 
 def test_explorer_callbacks_without_browser(tmp_path):
@@ -91,3 +110,58 @@ def test_explorer_callbacks_without_browser(tmp_path):
     assert explorer.result.example_id.iloc[0] == examples[1].example_id
     fig = explorer.figure(examples[1])
     assert len(fig.axes) == 2 and fig.axes[1].get_title() == "Image->Last, k=1"
+
+
+def test_make_passes_each_notebook_its_own_parameters_with_absolute_paths(tmp_path, monkeypatch):
+    """``make reproduce`` paths are relative to where make runs; a notebook gets only what it declares."""
+    import argparse
+
+    from mmflow.execute import notebook_parameters
+
+    (tmp_path / "gqa").mkdir(), (tmp_path / "my-llava").mkdir()
+    monkeypatch.chdir(tmp_path)
+    given = {
+        "source": None,
+        "executed": None,
+        "model": "./my-llava",
+        "data": "gqa",
+        "images": "",
+        "device": "cpu",
+        "dtype": "float32",
+        "out_dir": "figs",
+        "cache_dir": "res",
+        "engine": None,
+        "n_per_task": "",
+    }
+    declared = list(pm.inspect_notebook(NOTEBOOKS / "1_to_last_flow.ipynb"))
+    params = notebook_parameters(argparse.Namespace(**given), declared)
+    assert params["model"] == str(tmp_path / "my-llava") and params["data"] == str(tmp_path / "gqa")
+    assert params["out_dir"] == str(tmp_path / "figs") and params["n_per_task"] is None and "engine" not in params
+    overview = notebook_parameters(
+        argparse.Namespace(**given), list(pm.inspect_notebook(NOTEBOOKS / "5_overview.ipynb"))
+    )
+    assert set(overview) == {"model", "out_dir"}
+    hub = notebook_parameters(
+        argparse.Namespace(**{**given, "model": "llava-hf/llava-1.5-7b-hf", "n_per_task": "7"}), declared
+    )
+    assert hub["model"] == "llava-hf/llava-1.5-7b-hf" and hub["n_per_task"] == 7
+    with pytest.raises(mu.MmflowError, match="N \\(questions per task\\) must be a non-negative integer"):
+        notebook_parameters(argparse.Namespace(**{**given, "n_per_task": "abc"}), declared)
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"tasks": []}, "tasks must be"),
+        ({"tasks": "ChooseAttr"}, "tasks must be"),
+        ({"n_per_task": 0}, "n_per_task must"),
+        ({"n_per_task": "abc"}, "n_per_task must"),
+        ({"window": 0}, "window must"),
+        ({"window": -1}, "window must"),
+        ({"engine": "turbo"}, "engine must"),
+        ({"dtype": "bogus"}, "dtype must"),
+    ],
+)
+def test_study_names_a_bad_parameter(bad, message):
+    with pytest.raises(mu.MmflowError, match=message):
+        mu.Study.from_params(**bad)

@@ -1,4 +1,4 @@
-"""Fast tests of the shapes world data, the shapes-llava tokenizer/processor, its training and the shipped checkpoint."""
+"""Fast tests of the shapes world data, the shapes-llava tokenizer/processor, its training and its checkpoint."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmflow.paper import llava15_prompt
 from shapes_world import world
 
 GQA_COLUMNS = [
@@ -28,7 +29,7 @@ def dataset():
     return world.make_dataset(24, seed=123)
 
 
-def examples(task: str, n: int = 60) -> list[world.Example]:
+def examples(task: str, n: int = 60) -> list[world.SceneQuestion]:
     return [world.sample(task, (99, i)) for i in range(n)]
 
 
@@ -96,7 +97,7 @@ def test_boxes_are_tight_and_coloured(task):
         assert not foreground[~covered].any()
 
 
-def by_shape(ex: world.Example) -> dict[str, world.Obj]:
+def by_shape(ex: world.SceneQuestion) -> dict[str, world.Obj]:
     return {o.shape: o for o in ex.objects}
 
 
@@ -167,7 +168,7 @@ def test_processor_and_tokenizer():
     processor = build_processor()
     tok = processor.tokenizer
     ex = world.sample("ChooseAttr", (5, 5))
-    text = world.prompt(ex.question)
+    text = llava15_prompt(ex.question)
     inputs = processor(text=[text], images=[ex.image], return_tensors="pt")
     tokens = tok.convert_ids_to_tokens(inputs["input_ids"][0])
     assert tokens[0] == "<s>" and tokens[-2:] == ["ASSISTANT", ":"]
@@ -193,12 +194,12 @@ def test_checkpoint_loads_and_answers_with_a_single_word():
     ex = world.sample("QueryAttr", (5, 6))
     predictions = first_token_predictions(model, processor, [ex.question], [ex.image])
     with torch.no_grad():
-        inputs = processor(text=[world.prompt(ex.question)], images=[ex.image], return_tensors="pt")
+        inputs = processor(text=[llava15_prompt(ex.question)], images=[ex.image], return_tensors="pt")
         assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
     assert predictions[0] in processor.tokenizer.get_vocab()
     from shapes_world.train import build_processor
 
-    fresh, text = build_processor().tokenizer, world.prompt(ex.question)
+    fresh, text = build_processor().tokenizer, llava15_prompt(ex.question)
     loaded = processor.tokenizer(text, return_offsets_mapping=True)
     assert loaded["input_ids"] == fresh(text)["input_ids"]
     assert loaded["offset_mapping"] == fresh(text, return_offsets_mapping=True)["offset_mapping"]
@@ -319,3 +320,17 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch):
     assert logs[0]["steps"] == logs[1]["steps"] == 6
     assert [h["loss"] for h in logs[0]["history"]] == [h["loss"] for h in logs[1]["history"]]
     assert "out" not in logs[0]["arguments"]  # the log does not depend on where the repo lives
+
+
+def test_world_shares_the_papers_vocabulary_without_importing_the_library():
+    """The world's task order (which seeds every dataset) is the paper's, and world.py imports no analysis code."""
+    import ast
+
+    from mmflow.paper import OBJECT_COLUMNS, TASKS
+
+    assert world.TASKS == TASKS
+    assert set(world.ROLE_COLUMNS) == {p for prefixes in OBJECT_COLUMNS.values() for p in prefixes}
+    tree = ast.parse(Path(world.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {m for m in imported if m.split(".")[0] in ("mmflow", "mmflow_utils")}

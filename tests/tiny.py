@@ -45,12 +45,15 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<s>", "</s>", "<unk>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=500,
+        special_tokens=["<s>", "</s>", "<unk>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return fast
 
@@ -68,19 +71,41 @@ def sentencepiece_tokenizer(folder: Path) -> LlamaTokenizer:
 
 
 def _text_config(vocab: int, layers: int, **overrides) -> LlamaConfig:
-    params = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, initializer_range=0.1)
+    params = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+    )
     params.update(overrides)
     return LlamaConfig(**params)
 
 
 def _vision_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+    return CLIPVisionConfig(
+        image_size=IMAGE,
+        patch_size=PATCH,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+    )
 
 
-def build_tiny(folder: Path, kind: str = "llava", tokenizer=None, pad: bool = False, layers: int = 6,
-               seed: int = 0, **text_overrides) -> Path:
+def build_tiny(
+    folder: Path,
+    kind: str = "llava",
+    tokenizer=None,
+    pad: bool = False,
+    layers: int = 6,
+    seed: int = 0,
+    **text_overrides,
+) -> Path:
     """Save a tiny random ``kind`` ('llava' or 'llava_next') model + processor to ``folder``; return it.
 
     ``pad`` selects LLaVA-1.5's pad-to-square preprocessing (``LlavaImageProcessor(do_pad=True)``) instead of
@@ -93,19 +118,39 @@ def build_tiny(folder: Path, kind: str = "llava", tokenizer=None, pad: bool = Fa
     text_cfg = _text_config(len(tok), layers, **text_overrides)
     if kind == "llava":
         image_processor = LlavaImageProcessorPil(do_pad=True, **common) if pad else CLIPImageProcessorPil(**common)
-        config = LlavaConfig(vision_config=_vision_config(), text_config=text_cfg, image_token_index=image_token_id,
-                             vision_feature_select_strategy="default", vision_feature_layer=-2)
+        config = LlavaConfig(
+            vision_config=_vision_config(),
+            text_config=text_cfg,
+            image_token_index=image_token_id,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+        )
         model = LlavaForConditionalGeneration(config)
-        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            patch_size=PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
     elif kind == "llava_next":
         image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=GRID_PINPOINTS, **common)
-        config = LlavaNextConfig(vision_config=_vision_config(), text_config=text_cfg, image_token_index=image_token_id,
-                                 vision_feature_select_strategy="default", vision_feature_layer=-2,
-                                 image_grid_pinpoints=GRID_PINPOINTS)
+        config = LlavaNextConfig(
+            vision_config=_vision_config(),
+            text_config=text_cfg,
+            image_token_index=image_token_id,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            image_grid_pinpoints=GRID_PINPOINTS,
+        )
         model = LlavaNextForConditionalGeneration(config)
-        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
-                                       vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        processor = LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            patch_size=PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
     else:
         raise ValueError(kind)
     folder.mkdir(parents=True, exist_ok=True)

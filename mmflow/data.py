@@ -1,0 +1,224 @@
+"""Data: one :class:`Example` type for the embedded shapes world and the paper's GQA CSVs + image folder."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from mmflow.errors import MmflowError
+from mmflow.paper import CHOOSE_TASKS, OBJECT_COLUMNS, TASKS
+
+EMBEDDED_DATA = "shapes"
+#: Questions per task of the embedded shapes world when ``n`` is not given (GQA: every row).
+DEFAULT_SHAPES_PER_TASK = 40
+
+
+@dataclass
+class Example:
+    """One question about one image, with the boxes of the objects it is about (original-image pixels)."""
+
+    example_id: str
+    task: str
+    question: str
+    answer: str
+    image_size: tuple[int, int]  # (W, H)
+    objects: list[str] = field(default_factory=list)
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # (x, y, w, h)
+    true_option: str | None = None
+    false_option: str | None = None
+    image_path: str | None = None
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """(true, false) options of a Choose question, else empty."""
+        return (self.true_option, self.false_option) if self.true_option and self.false_option else ()
+
+    def image(self) -> Image.Image:
+        """The RGB image (loaded from ``image_path`` on demand).
+
+        Raises:
+            MmflowError: naming the example and the file if it is missing or unreadable.
+        """
+        if self._image is not None:
+            return self._image
+        path = Path(str(self.image_path))
+        if not path.is_file():
+            raise MmflowError(f"Image of example {self.example_id} not found: {path}")
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except OSError as err:
+            raise MmflowError(f"Image of example {self.example_id} is not a readable image: {path} ({err})") from err
+
+    def digest(self) -> str:
+        """A content hash of the example: every field that can change a result, and the image's pixels.
+
+        Two examples with the same digest give the same results on the same model, wherever their files live;
+        an edited question or a replaced image gives a new digest.
+        """
+        image = self.image()
+        fields = {
+            "example_id": self.example_id,
+            "task": self.task,
+            "question": self.question,
+            "answer": self.answer,
+            "image_size": list(self.image_size),
+            "objects": self.objects,
+            "boxes": [list(b) for b in self.boxes],
+            "true_option": self.true_option,
+            "false_option": self.false_option,
+            "image": hashlib.sha256(image.tobytes()).hexdigest(),
+            "mode": image.mode,
+            "size": list(image.size),
+        }
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _number(row: Mapping[str, Any], column: str, where: str) -> float | None:
+    """A numeric CSV cell; None for an empty/'-'/None cell, a MmflowError naming the cell if malformed."""
+    value = row.get(column)
+    if value is None or str(value).strip() in ("", "-", "None", "nan"):
+        return None
+    try:
+        return float(value)
+    except ValueError as err:
+        raise MmflowError(f"{where}: column '{column}' must be a number, got {value!r}") from err
+
+
+def example_from_row(
+    row: Mapping[str, Any], task: str, where: str, image_path: str | None = None, image: Image.Image | None = None
+) -> Example:
+    """Build an :class:`Example` from a row with the GQA CSV columns (shapes rows use the same names).
+
+    Args:
+        row: the row, column name to cell.
+        task: one of :data:`~mmflow.paper.TASKS`.
+        where: where the row comes from, for error messages (e.g. ``"x.csv line 7"``).
+        image_path: the image file, or
+        image: the image itself.
+
+    Raises:
+        MmflowError: naming ``where`` and the column for a missing or malformed cell.
+    """
+    if task not in OBJECT_COLUMNS:
+        raise MmflowError(f"{where}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    for column in ("question_id", "question", "answer"):
+        if not str(row.get(column) or "").strip():
+            raise MmflowError(f"{where}: missing value in column '{column}'")
+    width, height = _number(row, "image_w", where), _number(row, "image_h", where)
+    if not width or not height:
+        raise MmflowError(f"{where}: columns 'image_w' and 'image_h' must be positive numbers")
+    objects, boxes = [], []
+    for prefix in OBJECT_COLUMNS[task]:
+        name = str(row.get(f"{prefix} name") or "").strip()
+        if name:
+            objects.append(name)
+        coords = [_number(row, f"{prefix} {c}", where) for c in "xywh"]
+        if all(c is not None for c in coords):
+            boxes.append(tuple(coords))
+        elif any(c is not None for c in coords):
+            raise MmflowError(f"{where}: incomplete box for '{prefix}' ({dict(zip('xywh', coords))})")
+    true_opt, false_opt = (str(row.get(c) or "").strip() or None for c in ("true option", "false option"))
+    if task in CHOOSE_TASKS and not (true_opt and false_opt):
+        raise MmflowError(f"{where}: a {task} question needs 'true option' and 'false option'")
+    return Example(
+        example_id=str(row["question_id"]),
+        task=task,
+        question=str(row["question"]).strip(),
+        answer=str(row["answer"]).strip(),
+        image_size=(int(width), int(height)),
+        objects=objects,
+        boxes=boxes,
+        true_option=true_opt if task in CHOOSE_TASKS else None,
+        false_option=false_opt if task in CHOOSE_TASKS else None,
+        image_path=image_path,
+        _image=image,
+    )
+
+
+def gqa_csv_path(csv_dir: str | Path, task: str) -> Path:
+    """The paper's CSV of a task in ``csv_dir`` (file names end in ``_<Task>.csv``)."""
+    matches = sorted(Path(csv_dir).glob(f"*_{task}.csv"))
+    if len(matches) != 1:
+        raise MmflowError(f"Expected one file '*_{task}.csv' in {csv_dir}, found {len(matches)}")
+    return matches[0]
+
+
+def load_gqa(
+    csv_dir: str | Path, image_dir: str | Path, tasks: Sequence[str] = TASKS, n: int | None = None
+) -> list[Example]:
+    """The first ``n`` questions per task (all if None) from the paper's GQA CSVs, images ``image_dir/<img_id>.jpg``.
+
+    Raises:
+        MmflowError: naming the file, line and cell of a malformed row or a missing image; nothing is dropped.
+    """
+    examples = []
+    for task in tasks:
+        path = gqa_csv_path(csv_dir, task)
+        with path.open(newline="", encoding="utf-8") as handle:
+            for i, row in enumerate(csv.DictReader(handle)):
+                if n is not None and i >= n:
+                    break
+                where = f"{path.name} line {i + 2}"
+                if None in row or any(v is None for v in row.values()):
+                    raise MmflowError(f"{where}: wrong number of fields")
+                image_path = Path(image_dir) / f"{str(row.get('img_id', '')).strip()}.jpg"
+                if not image_path.is_file():
+                    raise MmflowError(f"{where}: image {image_path} not found (GQA images go in {image_dir})")
+                examples.append(example_from_row(row, task, where, image_path=str(image_path)))
+    return examples
+
+
+def load_shapes(
+    n: int = DEFAULT_SHAPES_PER_TASK, seed: int | None = None, tasks: Sequence[str] = TASKS
+) -> list[Example]:
+    """``n`` questions per task from the embedded shapes world (its fixed evaluation split unless ``seed``)."""
+    from shapes_world import world
+
+    dataset = world.make_dataset(n, world.EVAL_SEED if seed is None else seed, tasks=tuple(tasks))
+    return [example_from_row(row, row["task"], f"shapes row {i}", image=row["image"]) for i, row in enumerate(dataset)]
+
+
+def load_examples(
+    data: str = EMBEDDED_DATA,
+    images: str | None = None,
+    tasks: Sequence[str] = TASKS,
+    n: int | None = None,
+    seed: int | None = None,
+) -> list[Example]:
+    """Examples from the embedded shapes world or a folder of the paper's GQA CSVs.
+
+    Args:
+        data: ``"shapes"`` or a folder of the paper's CSVs.
+        images: the GQA image folder (GQA only).
+        tasks: which tasks, in this order.
+        n: questions per task; None: :data:`DEFAULT_SHAPES_PER_TASK` on shapes, every row on GQA.
+        seed: the shapes world's split seed (None: the fixed evaluation split).
+
+    Raises:
+        MmflowError: for an unknown task, a bad ``n``, a missing folder, or any malformed row.
+
+    Example:
+        >>> [e.task for e in load_examples("shapes", n=1, tasks=["QueryAttr", "ChooseRel"])]
+        ['QueryAttr', 'ChooseRel']
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise MmflowError(f"Unknown task(s) {unknown}; expected some of {', '.join(TASKS)}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise MmflowError(f"n (questions per task) must be a positive integer or None (the default), got {n!r}")
+    if data == EMBEDDED_DATA:
+        return load_shapes(n or DEFAULT_SHAPES_PER_TASK, seed, tasks)
+    if not Path(data).is_dir():
+        raise MmflowError(f"Data folder {data} not found: pass 'shapes' or a folder of GQA CSVs")
+    if not images:
+        raise MmflowError("GQA data needs an image folder (IMAGES=... / images=...)")
+    return load_gqa(data, images, tasks, n)

@@ -1,0 +1,168 @@
+"""Figures: curve tables with confidence bands, PNG + PDF + CSV, computed captions, patch overlays.
+
+Every figure's file stem is a constant here, and :data:`NOTEBOOK_FIGURES` says which notebook writes which, so
+notebooks, tests and the Makefile never spell a file name twice.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mmflow.data import Example
+from mmflow.models import LlavaModel
+from mmflow.paper import layer_third
+from mmflow.patches import RELATED, base_patch_grid
+
+FIG_TO_LAST = "fig1_to_last"
+FIG_IMAGE_TO_QUESTION = "fig2_image_to_question"
+FIG_PATCH_GROUPS = "fig3_patch_groups"
+FIG_PATCH_EXAMPLE = "fig3_patch_groups_example"
+FIG_CASING = "fig4_answer_casing"
+FIG_CASING_PER_TASK = "fig4_answer_casing_per_task"
+FIG_OVERVIEW = "fig5_overview"
+#: Which figures each notebook (by file stem) writes; notebook N writes figN_*.
+NOTEBOOK_FIGURES = {
+    "1_to_last_flow": (FIG_TO_LAST,),
+    "2_image_to_question": (FIG_IMAGE_TO_QUESTION,),
+    "3_patch_groups": (FIG_PATCH_GROUPS, FIG_PATCH_EXAMPLE),
+    "4_answer_casing": (FIG_CASING, FIG_CASING_PER_TASK),
+    "5_overview": (FIG_OVERVIEW,),
+}
+YLABEL_CHANGE = "% change in answer probability"
+#: Changes smaller than this (percentage points) are reported as no change.
+NOISE_PP = 1.0
+
+
+def curve_table(
+    rows: pd.DataFrame, value: str = "rel_change", by: Sequence[str] = ("task", "flow", "layer")
+) -> pd.DataFrame:
+    """Mean of ``value`` over examples with a 95% normal confidence band, per ``by`` group.
+
+    Returns:
+        Columns ``*by, mean, n, ci_low, ci_high``, groups in order of first appearance.
+    """
+    grouped = rows.groupby(list(by), sort=False)[value]
+    table = grouped.agg(mean="mean", std="std", n="size").reset_index()
+    half = 1.96 * table["std"].fillna(0.0) / np.sqrt(table["n"])
+    return table.assign(ci_low=table["mean"] - half, ci_high=table["mean"] + half).drop(columns="std")
+
+
+def plot_curves(
+    table: pd.DataFrame,
+    panel: str = "task",
+    line: str = "flow",
+    x: str = "layer",
+    ylabel: str = YLABEL_CHANGE,
+    title: str = "",
+    ncols: int = 3,
+) -> Any:
+    """One panel per ``panel`` value, one line (mean with its band) per ``line`` value.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys(table[panel]))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(
+        nrows, min(ncols, len(panels)), figsize=(4.2 * min(ncols, len(panels)), 3.2 * nrows), squeeze=False, sharex=True
+    )
+    for ax, name in zip(axes.flat, panels):
+        part = table[table[panel] == name]
+        for label, curve in part.groupby(line, sort=False):
+            ax.plot(curve[x], curve["mean"], marker=".", label=label)
+            ax.fill_between(curve[x], curve["ci_low"], curve["ci_high"], alpha=0.2)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_title(f"{name} (n={int(part['n'].max())})", fontsize=10)
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel, fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Any, data: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
+    """Write ``name``.png, .pdf and the figure's data as .csv (fixed precision, so reruns give identical files)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf", out / f"{name}.csv"]
+    fig.savefig(paths[0], dpi=120)
+    fig.savefig(paths[1], metadata={"CreationDate": None})
+    data.to_csv(paths[2], index=False, float_format="%.6f")
+    return paths
+
+
+def largest_drop(table: pd.DataFrame, **where: Any) -> tuple[int, float]:
+    """(layer, mean % change) of the most negative point of a curve selected by column values.
+
+    Example:
+        >>> curves = pd.DataFrame({"flow": ["a", "a", "b"], "layer": [0, 1, 0], "mean": [-1.0, -5.0, -9.0]})
+        >>> largest_drop(curves, flow="a")
+        (1, -5.0)
+    """
+    part = table
+    for column, value in where.items():
+        part = part[part[column] == value]
+    row = part.loc[part["mean"].idxmin()]
+    return int(row["layer"]), float(row["mean"])
+
+
+def mean_over_tasks(table: pd.DataFrame) -> pd.DataFrame:
+    """The per-task curves of a :func:`curve_table` averaged over tasks: columns ``flow, layer, mean``."""
+    return table.groupby(["flow", "layer"], sort=False)["mean"].mean().reset_index()
+
+
+def describe_curves(table: pd.DataFrame, flows: Sequence[str], n_layers: int) -> str:
+    """One computed sentence per flow: where its mean over tasks drops most, and in which third of the model."""
+    overall = mean_over_tasks(table)
+    lines = []
+    for flow in flows:
+        layer, value = largest_drop(overall, flow=flow)
+        if value > -NOISE_PP:
+            lines.append(f"- {flow}: no drop beyond {NOISE_PP:.0f}% at any centre layer (lowest {value:+.2f}%)")
+        else:
+            lines.append(
+                f"- {flow}: most negative mean change {value:+.1f}% at layer {layer} "
+                f"({layer_third(layer, n_layers)} layers)"
+            )
+    return "\n".join(lines)
+
+
+def plot_patch_overlay(model: LlavaModel, processor, example: Example, ax: Any = None) -> Any:
+    """The model's view of an example's image with related (red) and other (blue) patches overlaid."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    image, grid = base_patch_grid(model, processor, example.image(), example.boxes)
+    ax = ax or plt.subplots(figsize=(3.5, 3.5))[1]
+    ax.imshow(image)
+    cell = image.shape[0] / grid.shape[0]
+    for (r, c), label in np.ndenumerate(grid):
+        color = "red" if label == RELATED else "tab:blue"
+        ax.add_patch(
+            Rectangle(
+                (c * cell, r * cell),
+                cell,
+                cell,
+                facecolor=color,
+                alpha=0.35 if label == RELATED else 0.12,
+                edgecolor=color,
+                lw=0.5,
+            )
+        )
+    title = textwrap.fill(f"{example.task}: {example.question}", 45)
+    ax.set_title(f"{title}\n(answer: {example.answer}; red = related patches)", fontsize=8)
+    ax.axis("off")
+    return ax

@@ -1,0 +1,132 @@
+"""Knockout sweeps: one generic function that knocks out any flow in a window around every centre layer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from mmflow.engines import Clean, clean_run, get_engine, knockout_attention
+from mmflow.errors import MmflowError
+from mmflow.inputs import Encoded
+from mmflow.models import LlavaModel, num_layers
+from mmflow.paper import FLOWS, Flow, default_window, flow_name, flow_parts, window_layers
+
+
+def flow_positions(flow: Flow, groups: Mapping[str, Sequence[int]]) -> tuple[list[int], list[int]]:
+    """(sources, targets) positions of a flow (see :func:`~mmflow.paper.flow_parts`).
+
+    Raises:
+        MmflowError: for an unknown group, an empty group, or a flow that would leave a position no key.
+
+    Example:
+        >>> flow_positions("Image->Last", {"image": [1, 2], "last": [5]})
+        ([1, 2], [5])
+    """
+    parts = flow_parts(flow, groups)
+    out = []
+    for part in parts:
+        if isinstance(part, str):
+            if part not in groups:
+                raise MmflowError(f"Unknown group {part!r} in flow {flow!r}; this example has {sorted(groups)}")
+            out.append(sorted(groups[part]))
+        else:
+            out.append(sorted(int(p) for p in part))
+    sources, targets = out
+    if not sources or not targets:
+        raise MmflowError(f"Flow {flow!r} has an empty group (sources {len(sources)}, targets {len(targets)})")
+    for t in targets:  # a query row that keeps no key is undefined (NaN / uniform attention): refuse it
+        if set(range(t + 1)) <= set(sources):
+            raise MmflowError(f"Flow {flow!r} would block every key of position {t}")
+    return sources, targets
+
+
+def has_empty_group(flow: Flow, groups: Mapping[str, Sequence[int]]) -> bool:
+    """True if a named flow's source or target group exists but is empty for this example (e.g. no related
+    patches because the question's objects are not in the image).
+
+    Example:
+        >>> has_empty_group("Related patches->Question", {"related_patches": [], "question": [4]})
+        True
+    """
+    return any(isinstance(p, str) and p in groups and not groups[p] for p in flow_parts(flow, groups))
+
+
+def check_window(window: int) -> int:
+    """``window`` if it is a positive integer.
+
+    Raises:
+        MmflowError: naming the parameter otherwise.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise MmflowError(
+            f"window must be a positive integer number of layers (or None for the paper's rule), got {window!r}"
+        )
+    return window
+
+
+def knockout_sweep(
+    model: LlavaModel,
+    encoded: Encoded,
+    flows: Sequence[Flow] = tuple(FLOWS),
+    window: int | None = None,
+    engine: str = "fast",
+    layers: Sequence[int] | None = None,
+    token_budget: int = 256,
+    clean: Clean | None = None,
+) -> pd.DataFrame:
+    """Knock out each flow in a window of ``window`` layers centred on every layer (or on ``layers``).
+
+    Args:
+        model: a loaded LLaVA-family model.
+        encoded: the example's input and groups (:func:`~mmflow.inputs.encode_example`).
+        flows: names from :data:`~mmflow.paper.FLOWS`, ``"group->group"`` strings, or (sources, targets) pairs.
+        window: window size k; None: :func:`~mmflow.paper.default_window` of the model's depth.
+        engine: a name in :data:`~mmflow.engines.ENGINES` (``"fast"`` or ``"naive"``; same results).
+        layers: centre layers (default: every layer).
+        token_budget: the fast engine's tokens per batched forward.
+        clean: a :func:`~mmflow.engines.clean_run` to reuse (with ``keep_cache=True`` for the fast engine).
+
+    Returns:
+        One row per (flow, centre layer): ``flow, layer, window_start, window_end, k, answer_token, p_base, p_new,
+        rel_change`` with ``rel_change = (p_new - p_base) / p_base * 100``; p is the probability of the model's own
+        greedy first answer token.
+
+    Raises:
+        MmflowError: for an unknown engine, a bad window, centre layers out of range, no flows, or a bad flow.
+    """
+    sweep = get_engine(engine)
+    n_layers = num_layers(model)
+    k = default_window(n_layers) if window is None else check_window(window)
+    centres = list(range(n_layers)) if layers is None else [int(c) for c in layers]
+    if any(not 0 <= c < n_layers for c in centres):
+        raise MmflowError(f"layers must lie in 0..{n_layers - 1} for this {n_layers}-layer model, got {centres}")
+    if not flows:
+        raise MmflowError(f"flows is empty: pass at least one of {list(FLOWS)} or 'group->group'")
+    windows = [window_layers(c, k, n_layers) for c in centres]
+    resolved = [(flow_name(flow), flow_positions(flow, encoded.groups)) for flow in flows]
+    rows = []
+    with torch.inference_mode(), knockout_attention(model) as base:
+        clean = clean or clean_run(model, encoded, keep_cache=sweep.needs_cache)
+        # crops only ever shrink the cache: process flows by decreasing first target
+        for name, (sources, targets) in sorted(resolved, key=lambda item: -min(item[1][1])):
+            probs = sweep.sweep(model, encoded, clean, base, sources, targets, windows, token_budget)
+            for centre, layers_, p_new in zip(centres, windows, probs):
+                rows.append(
+                    {
+                        "flow": name,
+                        "layer": centre,
+                        "window_start": layers_.start,
+                        "window_end": layers_.stop - 1,
+                        "k": k,
+                        "answer_token": clean.answer_token,
+                        "p_base": clean.p_base,
+                        "p_new": p_new,
+                        "rel_change": (p_new - clean.p_base) / clean.p_base * 100,
+                    }
+                )
+    order = {name: i for i, (name, _) in enumerate(resolved)}
+    return pd.DataFrame(rows).sort_values(
+        ["flow", "layer"], key=lambda col: col.map(order) if col.name == "flow" else col, ignore_index=True
+    )

@@ -1,0 +1,157 @@
+"""The paper's vocabulary: tasks, token-group flows, the prompt, the window rule (a leaf module).
+
+Everything here is plain data or a pure function, so the analysis library and the shapes world can share it
+without importing each other. A new flow of the paper goes into :data:`FLOWS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mmflow.errors import MmflowError
+
+#: The paper's six GQA question families, in the order of its figures (the shapes world seeds by this order).
+TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
+#: Tasks whose questions offer two options ("X or Y").
+CHOOSE_TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel")
+#: Per task, the CSV column prefixes naming the objects its question is about (the paper's choice of boxes).
+OBJECT_COLUMNS = {
+    "ChooseAttr": ("central object",),
+    "ChooseCat": ("central object",),
+    "QueryAttr": ("central object",),
+    "ChooseRel": ("object1", "object2"),
+    "CompareAttr": ("object1", "object2"),
+    "LogicalObj": ("object1", "object2"),
+}
+
+INSTRUCTION = "Answer the question using a single word or phrase."
+#: The LLaVA-1.5 single-turn prompt, used where a processor has no chat template.
+LLAVA15_TEMPLATE = "USER: <image>\n{question}\n" + INSTRUCTION + " ASSISTANT:"
+
+#: The paper's flows as (source group, target group): the target's attention to the source is blocked.
+FLOWS = {
+    "Question->Last": ("question", "last"),
+    "Image->Last": ("image", "last"),
+    "Last->Last": ("last", "last"),
+    "Image->Question": ("image", "question"),
+    "Related patches->Question": ("related_patches", "question"),
+    "Other patches->Question": ("other_patches", "question"),
+}
+TO_LAST_FLOWS = ("Question->Last", "Image->Last", "Last->Last")
+IMAGE_TO_QUESTION = "Image->Question"
+PATCH_FLOWS = ("Related patches->Question", "Other patches->Question")
+#: Token groups that need the example's boxes pushed through the image preprocessing.
+PATCH_GROUPS = ("related_patches", "other_patches")
+
+#: The paper's window: 9 layers for its 32-40-layer models.
+PAPER_WINDOW = 9
+
+
+def llava15_prompt(question: str) -> str:
+    """The LLaVA-1.5 prompt for ``question``.
+
+    Example:
+        >>> llava15_prompt("Is it red?")
+        'USER: <image>\\nIs it red?\\nAnswer the question using a single word or phrase. ASSISTANT:'
+    """
+    return LLAVA15_TEMPLATE.format(question=question)
+
+
+def default_window(n_layers: int) -> int:
+    """The window size k: the paper's 9 for 32-40-layer models, about L/4 (odd, so it has a centre) below.
+
+    Args:
+        n_layers: number of decoder layers of the language model.
+
+    Returns:
+        The number of layers in each knockout window.
+
+    Example:
+        >>> [default_window(n) for n in (8, 16, 24, 32, 40)]
+        [3, 5, 7, 9, 9]
+    """
+    return min(PAPER_WINDOW, 2 * round(n_layers / 8) + 1)
+
+
+def window_layers(centre: int, k: int, n_layers: int) -> range:
+    """The paper's window of ``k`` layers centred on ``centre``, truncated (not shifted) at the edges.
+
+    An even ``k`` has no middle layer: the window then reaches ``k // 2`` layers below the centre and
+    ``k // 2 - 1`` above it.
+
+    Args:
+        centre: the window's centre layer.
+        k: window size in layers.
+        n_layers: number of decoder layers.
+
+    Returns:
+        The layers of the window.
+
+    Example:
+        >>> window_layers(4, 3, 8), window_layers(0, 3, 8), window_layers(7, 9, 8), window_layers(4, 4, 8)
+        (range(3, 6), range(0, 2), range(3, 8), range(2, 6))
+    """
+    return range(max(0, centre - k // 2), min(n_layers, centre - (-k // 2)))
+
+
+def layer_third(layer: int, n_layers: int) -> str:
+    """Which third of the model a layer lies in: ``"lower"``, ``"middle"`` or ``"upper"``.
+
+    Example:
+        >>> [layer_third(layer, 8) for layer in (0, 2, 3, 5, 6, 7)]
+        ['lower', 'lower', 'middle', 'middle', 'upper', 'upper']
+    """
+    return ("lower", "middle", "upper")[min(2, 3 * layer // n_layers)]
+
+
+Flow = str | tuple[Any, Any]
+
+
+def flow_name(flow: Flow) -> str:
+    """The display name of a flow: itself if a string, else ``"source->target"``.
+
+    Example:
+        >>> flow_name("Image->Last"), flow_name(([0, 1], [5]))
+        ('Image->Last', '[0, 1]->[5]')
+    """
+    return flow if isinstance(flow, str) else "->".join(map(str, flow))
+
+
+def flow_parts(flow: Flow, groups: Mapping[str, Sequence[int]] | None = None) -> tuple[Any, Any]:
+    """(source, target) of a flow, each a group name or positions.
+
+    Args:
+        flow: a name from :data:`FLOWS`, ``"group->group"``, or a (sources, targets) pair.
+        groups: the example's groups, only to list them in the error message.
+
+    Returns:
+        The (source, target) pair.
+
+    Raises:
+        MmflowError: if ``flow`` is none of the above.
+
+    Example:
+        >>> flow_parts("Image->Question"), flow_parts("true_option -> last"), flow_parts(([1, 2], [9]))
+        (('image', 'question'), ('true_option', 'last'), ([1, 2], [9]))
+    """
+    if not isinstance(flow, str):
+        return tuple(flow)
+    if flow in FLOWS:
+        return FLOWS[flow]
+    if "->" in flow:
+        return tuple(part.strip() for part in flow.split("->", 1))
+    known = f" with groups {sorted(groups)}" if groups is not None else ""
+    raise MmflowError(f"Unknown flow {flow!r}: use one of {list(FLOWS)} or 'source->target'{known}")
+
+
+def flows_need_patches(flows: Sequence[Flow]) -> bool:
+    """True if any flow names a patch group (see :data:`PATCH_GROUPS`).
+
+    Example:
+        >>> flows_need_patches(TO_LAST_FLOWS), flows_need_patches(PATCH_FLOWS)
+        (False, True)
+        >>> flows_need_patches(["related_patches->last"])
+        True
+    """
+    return any(part in PATCH_GROUPS for flow in flows for part in flow_parts(flow) if isinstance(part, str))

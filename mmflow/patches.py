@@ -1,0 +1,125 @@
+"""Patch geometry: which image tokens show the question's objects (``related``) and which do not (``other``).
+
+A box mask goes through the processor's own image preprocessing and, for anyres families, the model's own
+feature packing, so labels line up with the image tokens by construction, whatever the geometry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmflow.errors import MmflowError
+from mmflow.models import LlavaModel, pack_image_features
+
+#: Labels of image tokens: the patch overlaps a box, does not, or is no patch (CLS, row-newline token).
+RELATED, OTHER, NEITHER = 1.0, 0.0, -1.0
+
+Box = tuple[float, float, float, float]  # (x, y, w, h) in original-image pixels
+
+
+def box_mask(size: tuple[int, int], boxes: Iterable[Sequence[float]]) -> Image.Image:
+    """An RGB mask of an image of ``size`` (W, H): boxes ``(x, y, w, h)`` red, everything else green.
+
+    Example:
+        >>> np.asarray(box_mask((4, 2), [(1, 0, 2, 1)]))[:, :, 0].tolist()
+        [[0, 255, 255, 0], [0, 0, 0, 0]]
+    """
+    mask = Image.new("RGB", size, (0, 255, 0))
+    pixels = np.asarray(mask).copy()
+    for x, y, w, h in boxes:
+        x0, y0 = max(0, math.floor(x)), max(0, math.floor(y))
+        x1, y1 = min(size[0], math.ceil(x + w)), min(size[1], math.ceil(y + h))
+        pixels[y0:y1, x0:x1] = (255, 0, 0)
+    return Image.fromarray(pixels)
+
+
+def _patch_labels(tile: torch.Tensor, patch: int) -> torch.Tensor:
+    """Per ViT patch (row-major) of one processed (3, H, W) mask tile: RELATED if any pixel is red."""
+    red = (tile[0] - tile[1]) > 127
+    h, w = red.shape[0] // patch, red.shape[1] // patch
+    cells = red[: h * patch, : w * patch].reshape(h, patch, w, patch).any(dim=3).any(dim=1)
+    return torch.where(cells.flatten(), RELATED, OTHER)
+
+
+def image_token_labels(
+    model: LlavaModel, processor, size: tuple[int, int], boxes: Iterable[Sequence[float]]
+) -> torch.Tensor:
+    """Label of every image token of an image of ``size`` (W, H): RELATED, OTHER, or NEITHER (CLS, newline).
+
+    The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, with
+    nearest-neighbour resampling and no normalisation) and, for anyres families, the model's own feature packing
+    (unpadding and newline tokens).
+
+    Returns:
+        A float tensor of shape ``(n_image_tokens,)``.
+    """
+    from transformers.image_utils import PILImageResampling
+
+    mask = box_mask(size, boxes)
+    pixels = processor.image_processor(
+        mask, resample=PILImageResampling.NEAREST, do_rescale=False, do_normalize=False, return_tensors="pt"
+    )
+    cfg = model.config
+    patch = cfg.vision_config.patch_size
+    tiles = pixels["pixel_values"][0]
+    if tiles.dim() == 3:
+        tiles = tiles[None]
+    per_tile = torch.stack([_patch_labels(tile, patch) for tile in tiles])  # (n_tiles, patches)
+    strategy = cfg.vision_feature_select_strategy
+    pack = pack_image_features(model)
+    if "image_sizes" in pixels and pack is not None:  # anyres: pack the labels exactly like image features
+        if strategy != "default":
+            raise MmflowError(f"Anyres patch groups need vision_feature_select_strategy='default', not {strategy!r}")
+        packed, _ = pack([per_tile[..., None]], pixels["image_sizes"], strategy, image_newline=torch.tensor([NEITHER]))
+        return packed[0][:, 0]
+    labels = per_tile[0]
+    return torch.cat([torch.tensor([NEITHER]), labels]) if strategy == "full" else labels
+
+
+def patch_groups(
+    model: LlavaModel,
+    processor,
+    image_positions: Sequence[int],
+    size: tuple[int, int],
+    boxes: Sequence[Sequence[float]],
+) -> dict[str, list[int]]:
+    """``related_patches`` / ``other_patches``: image-token positions whose patch overlaps any box, or none.
+
+    Args:
+        image_positions: positions of the image tokens in the language model's sequence.
+        size: the original image's (W, H).
+        boxes: the question's object boxes ``(x, y, w, h)`` in original-image pixels.
+
+    Raises:
+        MmflowError: if the processor and the model disagree on the number of image tokens.
+    """
+    labels = image_token_labels(model, processor, size, boxes)
+    if len(labels) != len(image_positions):
+        raise MmflowError(
+            f"{len(labels)} patch labels for {len(image_positions)} image tokens: processor and model disagree"
+        )
+    return {
+        "related_patches": [p for p, lab in zip(image_positions, labels.tolist()) if lab == RELATED],
+        "other_patches": [p for p, lab in zip(image_positions, labels.tolist()) if lab == OTHER],
+    }
+
+
+def base_patch_grid(
+    model: LlavaModel, processor, image: Image.Image, boxes: Sequence[Sequence[float]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(processed base tile as HxWx3 uint8, labels of its patch grid): what the overlays show."""
+    from transformers.image_utils import PILImageResampling
+
+    labels = image_token_labels(model, processor, image.size, boxes)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    grid = labels[labels != NEITHER][: side * side].view(side, side).numpy()
+    pixels = processor.image_processor(
+        image, do_rescale=False, do_normalize=False, resample=PILImageResampling.BICUBIC, return_tensors="pt"
+    )["pixel_values"][0]
+    base = pixels if pixels.dim() == 3 else pixels[0]
+    return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid

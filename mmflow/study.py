@@ -1,0 +1,165 @@
+"""``Study``: what every analysis notebook shares, built from its ``parameters`` cell.
+
+A notebook keeps only what is particular to its question::
+
+    study = Study.from_params(model="shapes-llava", data="shapes", n_per_task=None, window=None)
+    rows = study.knockout(TO_LAST_FLOWS)       # shows the accuracy table; a clear error if nothing is kept
+    table = curve_table(rows)
+    study.figure(plot_curves(table, title=study.title("flows to the last position")), table, FIG_TO_LAST)
+    study.explore(TO_LAST_FLOWS)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mmflow.data import EMBEDDED_DATA, Example, load_examples
+from mmflow.engines import ENGINES
+from mmflow.errors import MmflowError
+from mmflow.figures import save_figure
+from mmflow.inputs import Encoded
+from mmflow.knockout import check_window
+from mmflow.models import LlavaModel
+from mmflow.paper import TASKS, Flow, default_window
+from mmflow.runs import Run, accuracy_table
+
+#: Questions per task in a smoke run (the tests' quick pass through every notebook).
+SMOKE_PER_TASK = 2
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_params(tasks: Sequence[str], n_per_task: Any, window: Any, engine: str, dtype: str) -> None:
+    if isinstance(tasks, str) or not tasks or any(t not in TASKS for t in tasks):
+        raise MmflowError(f"tasks must be a non-empty list of {list(TASKS)}, got {tasks!r}")
+    if n_per_task is not None and (isinstance(n_per_task, bool) or not isinstance(n_per_task, int) or n_per_task < 1):
+        raise MmflowError(
+            f"n_per_task must be a positive integer or None (all rows on GQA, 40 on shapes), got {n_per_task!r}"
+        )
+    if window is not None:
+        check_window(window)
+    if engine not in ENGINES:
+        raise MmflowError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    if dtype not in DTYPES:
+        raise MmflowError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+
+
+@dataclass
+class Study:
+    """A loaded model, the examples and the settings of one notebook's analysis."""
+
+    run: Run
+    examples: list[Example]
+    k: int
+    engine: str
+    out_dir: Path
+    data: str
+    status: pd.DataFrame | None = None
+
+    @classmethod
+    def from_params(
+        cls,
+        model: str = "shapes-llava",
+        data: str = EMBEDDED_DATA,
+        images: str = "",
+        tasks: Sequence[str] = TASKS,
+        n_per_task: int | None = None,
+        window: int | None = None,
+        engine: str = "fast",
+        device: str = "cpu",
+        dtype: str = "float32",
+        out_dir: str = "../figures",
+        cache_dir: str = "../results",
+        smoke: bool = False,
+    ) -> Study:
+        """Load the model and the examples named by a notebook's parameters.
+
+        Args:
+            model: ``"shapes-llava"``, a hub id or a checkpoint folder.
+            data: ``"shapes"`` or a folder of the paper's GQA CSVs.
+            images: the GQA image folder.
+            tasks: which tasks.
+            n_per_task: questions per task; None: 40 on shapes, every row on GQA.
+            window: window size k; None: the paper's rule for the model's depth.
+            engine: knockout engine (see :data:`~mmflow.engines.ENGINES`).
+            device: torch device.
+            dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+            out_dir: where figures are written.
+            cache_dir: the results cache.
+            smoke: a tiny run (2 questions per task) for tests.
+
+        Raises:
+            MmflowError: naming the first bad parameter.
+        """
+        _check_params(tasks, n_per_task, window, engine, dtype)
+        run = Run.load(model, device=device, dtype=dtype, cache_dir=cache_dir)
+        examples = load_examples(data, images or None, tasks, SMOKE_PER_TASK if smoke else n_per_task)
+        k = default_window(run.n_layers) if window is None else window
+        return cls(run, examples, k, engine, Path(out_dir), data)
+
+    @property
+    def model(self) -> LlavaModel:
+        """The loaded model."""
+        return self.run.model
+
+    @property
+    def n_layers(self) -> int:
+        """Decoder layers of the model."""
+        return self.run.n_layers
+
+    def __repr__(self) -> str:
+        per_task = pd.Series([e.task for e in self.examples]).value_counts()
+        counts = (
+            f"{per_task.iloc[0]} per task" if per_task.nunique() == 1 else "per task " + per_task.to_dict().__repr__()
+        )
+        return (
+            f"{self.run.name}: {self.n_layers} layers, window k={self.k}, {len(self.examples)} examples "
+            f"({counts}) from {self.data}"
+        )
+
+    def title(self, what: str) -> str:
+        """A figure title naming the model and the window."""
+        return f"{self.run.name}: {what} (k={self.k})"
+
+    def encode(self, example: Example, patches: bool = True) -> Encoded:
+        """An example's input and token groups (with patch groups by default)."""
+        return self.run.encode(example, patches)
+
+    def _kept(self, rows: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame:
+        from IPython.display import display
+
+        self.status = status
+        display(accuracy_table(status).style.format({"accuracy": "{:.2f}"}))
+        if rows.empty:
+            raise MmflowError("No correctly answered examples: nothing to analyse (see the accuracy table)")
+        return rows
+
+    def knockout(self, flows: Sequence[Flow]) -> pd.DataFrame:
+        """Knockout sweeps over the correctly answered examples (cached); shows the accuracy table.
+
+        Raises:
+            MmflowError: if no example was answered correctly.
+        """
+        return self._kept(*self.run.knockout(self.examples, flows, self.k, self.engine))
+
+    def lens(self) -> pd.DataFrame:
+        """Logit-lens rows of the correctly answered examples (cached); shows the accuracy table."""
+        return self._kept(*self.run.lens(self.examples))
+
+    def figure(self, fig: Any, data: pd.DataFrame, name: str) -> list[Path]:
+        """Save a figure with its data as ``out_dir/name``.png/.pdf/.csv and show it."""
+        import matplotlib.pyplot as plt
+
+        paths = save_figure(fig, data, self.out_dir, name)
+        plt.show()
+        return paths
+
+    def explore(self, flows: Sequence[str]) -> None:
+        """The knockout explorer for these flows (a static figure when run headless)."""
+        from mmflow.widgets import KnockoutExplorer
+
+        KnockoutExplorer(self.run, self.examples, list(flows), self.k).show()

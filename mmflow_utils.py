@@ -26,12 +26,14 @@ from mmflow.figures import (
     FIG_PATCH_GROUPS,
     FIG_TO_LAST,
     NOTEBOOK_FIGURES,
+    check_provenance,
     curve_table,
     describe_curves,
     largest_drop,
     mean_over_tasks,
     plot_curves,
     plot_patch_overlay,
+    record_provenance,
     save_figure,
 )
 from mmflow.findings import Verdict, verdict_markdown, verdict_table
@@ -86,7 +88,8 @@ __all__ = [
     # figures, findings, notebooks
     "FIG_TO_LAST", "FIG_IMAGE_TO_QUESTION", "FIG_PATCH_GROUPS", "FIG_PATCH_EXAMPLE", "FIG_CASING",
     "FIG_CASING_PER_TASK", "FIG_OVERVIEW", "NOTEBOOK_FIGURES", "curve_table", "plot_curves", "save_figure",
-    "largest_drop", "mean_over_tasks", "describe_curves", "plot_patch_overlay", "findings", "Verdict",
+    "largest_drop", "mean_over_tasks", "describe_curves", "plot_patch_overlay", "record_provenance",
+    "check_provenance", "findings", "Verdict",
     "verdict_table", "verdict_markdown", "Study", "KnockoutExplorer",
 ]
 # fmt: on

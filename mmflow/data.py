@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,19 @@ class Example:
     answer: str
     image_size: tuple[int, int]  # (W, H)
     objects: list[str] = field(default_factory=list)
-    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # (x, y, w, h)
+    #: (x, y, w, h) per object found in the data; None if the data has no box columns at all
+    boxes: list[tuple[float, float, float, float]] | None = field(default_factory=list)
     true_option: str | None = None
     false_option: str | None = None
     image_path: str | None = None
     _image: Image.Image | None = field(default=None, repr=False)
+    #: where the example comes from, for messages (e.g. "x.csv line 7")
+    source: str = field(default="", compare=False)
+
+    @property
+    def where(self) -> str:
+        """The example for a message: its source if known, and its id."""
+        return f"{self.source}, question_id {self.example_id}" if self.source else f"example {self.example_id}"
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -51,12 +60,12 @@ class Example:
             return self._image
         path = Path(str(self.image_path))
         if not path.is_file():
-            raise MmflowError(f"Image of example {self.example_id} not found: {path}")
+            raise MmflowError(f"Image of {self.where} not found: {path}")
         try:
             with Image.open(path) as img:
                 return img.convert("RGB")
-        except OSError as err:
-            raise MmflowError(f"Image of example {self.example_id} is not a readable image: {path} ({err})") from err
+        except (OSError, Image.DecompressionBombError) as err:
+            raise MmflowError(f"Image of {self.where} is not a readable image: {path} ({err})") from err
 
     def digest(self) -> str:
         """A content hash of the example: every field that can change a result, and the image's pixels.
@@ -72,7 +81,7 @@ class Example:
             "answer": self.answer,
             "image_size": list(self.image_size),
             "objects": self.objects,
-            "boxes": [list(b) for b in self.boxes],
+            "boxes": None if self.boxes is None else [list(b) for b in self.boxes],
             "true_option": self.true_option,
             "false_option": self.false_option,
             "image": hashlib.sha256(image.tobytes()).hexdigest(),
@@ -88,9 +97,12 @@ def _number(row: Mapping[str, Any], column: str, where: str) -> float | None:
     if value is None or str(value).strip() in ("", "-", "None", "nan"):
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError as err:
         raise MmflowError(f"{where}: column '{column}' must be a number, got {value!r}") from err
+    if not math.isfinite(number):
+        raise MmflowError(f"{where}: column '{column}' must be a finite number, got {value!r}")
+    return number
 
 
 def example_from_row(
@@ -114,15 +126,21 @@ def example_from_row(
         if not str(row.get(column) or "").strip():
             raise MmflowError(f"{where}: missing value in column '{column}'")
     width, height = _number(row, "image_w", where), _number(row, "image_h", where)
-    if not width or not height:
-        raise MmflowError(f"{where}: columns 'image_w' and 'image_h' must be positive numbers")
+    if not width or not height or width < 1 or height < 1:
+        raise MmflowError(
+            f"{where}: columns 'image_w' and 'image_h' must be positive numbers, got "
+            f"{row.get('image_w')!r} and {row.get('image_h')!r}"
+        )
     objects, boxes = [], []
+    has_box_columns = any(f"{prefix} {c}" in row for prefix in OBJECT_COLUMNS[task] for c in "xywh")
     for prefix in OBJECT_COLUMNS[task]:
         name = str(row.get(f"{prefix} name") or "").strip()
         if name:
             objects.append(name)
         coords = [_number(row, f"{prefix} {c}", where) for c in "xywh"]
         if all(c is not None for c in coords):
+            if coords[2] <= 0 or coords[3] <= 0:
+                raise MmflowError(f"{where}: box of '{prefix}' must have a positive width and height ({coords})")
             boxes.append(tuple(coords))
         elif any(c is not None for c in coords):
             raise MmflowError(f"{where}: incomplete box for '{prefix}' ({dict(zip('xywh', coords))})")
@@ -136,11 +154,12 @@ def example_from_row(
         answer=str(row["answer"]).strip(),
         image_size=(int(width), int(height)),
         objects=objects,
-        boxes=boxes,
+        boxes=boxes if has_box_columns else None,
         true_option=true_opt if task in CHOOSE_TASKS else None,
         false_option=false_opt if task in CHOOSE_TASKS else None,
         image_path=image_path,
         _image=image,
+        source=where,
     )
 
 
@@ -152,28 +171,86 @@ def gqa_csv_path(csv_dir: str | Path, task: str) -> Path:
     return matches[0]
 
 
+def _required_columns(task: str) -> list[str]:
+    columns = ["question_id", "img_id", "question", "answer", "image_w", "image_h"]
+    columns += ["true option", "false option"] if task in CHOOSE_TASKS else []
+    return columns + [f"{prefix} name" for prefix in OBJECT_COLUMNS[task]]
+
+
+def image_file(image_dir: str | Path, img_id: str, where: str) -> Path:
+    """The image ``<image_dir>/<img_id>.jpg``, with ``img_id`` confined to a plain file name.
+
+    Raises:
+        MmflowError: naming ``where`` for an id with a path separator, ``..``, a NUL byte, or nothing at all.
+
+    Example:
+        >>> image_file("images", "2354786", "x.csv line 2").as_posix()
+        'images/2354786.jpg'
+    """
+    if not img_id or img_id in (".", "..") or any(c in img_id for c in "/\\\0"):
+        raise MmflowError(f"{where}: column 'img_id' must be a plain file name (no path, '..' or NUL), got {img_id!r}")
+    return Path(image_dir) / f"{img_id}.jpg"
+
+
+def read_csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """The rows of a CSV as dicts, each with the file's physical line on which it starts.
+
+    Reads UTF-8 with or without a byte-order mark; quoted cells may hold line breaks.
+
+    Raises:
+        MmflowError: naming the file for a wrong encoding, a missing header, no rows, or a row with the wrong
+            number of fields (with its line).
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header:
+                raise MmflowError(f"{path}: empty file (no header row)")
+            line, rows = reader.line_num + 1, 0
+            for record in reader:
+                start, line = line, reader.line_num + 1
+                if not record:
+                    continue
+                if len(record) != len(header):
+                    raise MmflowError(
+                        f"{path.name} line {start}: wrong number of fields "
+                        f"({len(record)}, the header has {len(header)})"
+                    )
+                rows += 1
+                yield start, dict(zip(header, record))
+            if not rows:
+                raise MmflowError(f"{path}: no rows below the header")
+    except UnicodeDecodeError as err:
+        raise MmflowError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from err
+    except csv.Error as err:
+        raise MmflowError(f"{path}: not a readable CSV ({err})") from err
+
+
 def load_gqa(
     csv_dir: str | Path, image_dir: str | Path, tasks: Sequence[str] = TASKS, n: int | None = None
 ) -> list[Example]:
     """The first ``n`` questions per task (all if None) from the paper's GQA CSVs, images ``image_dir/<img_id>.jpg``.
 
     Raises:
-        MmflowError: naming the file, line and cell of a malformed row or a missing image; nothing is dropped.
+        MmflowError: naming the file, physical line and cell of a malformed row or a missing image; nothing is
+            dropped.
     """
     examples = []
     for task in tasks:
         path = gqa_csv_path(csv_dir, task)
-        with path.open(newline="", encoding="utf-8") as handle:
-            for i, row in enumerate(csv.DictReader(handle)):
-                if n is not None and i >= n:
-                    break
-                where = f"{path.name} line {i + 2}"
-                if None in row or any(v is None for v in row.values()):
-                    raise MmflowError(f"{where}: wrong number of fields")
-                image_path = Path(image_dir) / f"{str(row.get('img_id', '')).strip()}.jpg"
-                if not image_path.is_file():
-                    raise MmflowError(f"{where}: image {image_path} not found (GQA images go in {image_dir})")
-                examples.append(example_from_row(row, task, where, image_path=str(image_path)))
+        for i, (line, row) in enumerate(read_csv_rows(path)):
+            if i == 0:
+                missing = [c for c in _required_columns(task) if c not in row]
+                if missing:
+                    raise MmflowError(f"{path}: missing column(s) {missing} for {task}")
+            if n is not None and i >= n:
+                break
+            where = f"{path.name} line {line}"
+            image_path = image_file(image_dir, str(row.get("img_id", "")).strip(), where)
+            if not image_path.is_file():
+                raise MmflowError(f"{where}: image {image_path} not found (GQA images go in {image_dir})")
+            examples.append(example_from_row(row, task, where, image_path=str(image_path)))
     return examples
 
 

@@ -6,7 +6,10 @@ notebooks, tests and the Makefile never spell a file name twice.
 
 from __future__ import annotations
 
+import io
+import json
 import math
+import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mmflow.data import Example
+from mmflow.errors import MmflowError
 from mmflow.models import LlavaModel
 from mmflow.paper import layer_third
 from mmflow.patches import RELATED, base_patch_grid
@@ -93,6 +97,14 @@ def plot_curves(
     return fig
 
 
+FLOAT_FORMAT = "%.6f"
+#: Two runs' figure data agree when every number is within CSV_ATOL + CSV_RTOL * |value|: float32 summation order
+#: differs across machines and thread counts (seen: up to 5e-5 percentage points on the default run).
+CSV_ATOL, CSV_RTOL = 1e-4, 1e-5
+#: The file beside the figures that records what each figure was computed from.
+MANIFEST = "manifest.json"
+
+
 def save_figure(fig: Any, data: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
     """Write ``name``.png, .pdf and the figure's data as .csv (fixed precision, so reruns give identical files)."""
     out = Path(out_dir)
@@ -100,8 +112,86 @@ def save_figure(fig: Any, data: pd.DataFrame, out_dir: str | Path, name: str) ->
     paths = [out / f"{name}.png", out / f"{name}.pdf", out / f"{name}.csv"]
     fig.savefig(paths[0], dpi=120)
     fig.savefig(paths[1], metadata={"CreationDate": None})
-    data.to_csv(paths[2], index=False, float_format="%.6f")
+    data.to_csv(paths[2], index=False, float_format=FLOAT_FORMAT)
     return paths
+
+
+def same_data(old: pd.DataFrame, new: pd.DataFrame) -> bool:
+    """True if two figure tables have the same columns, rows and text, and numbers within CSV_ATOL/CSV_RTOL.
+
+    Example:
+        >>> a = pd.DataFrame({"flow": ["x"], "mean": [-89.42201]})
+        >>> same_data(a, a.assign(mean=-89.42204)), same_data(a, a.assign(mean=-89.4))
+        (True, False)
+    """
+    if list(old.columns) != list(new.columns) or old.shape != new.shape:
+        return False
+    for column in new.columns:
+        a, b = old[column], new[column]
+        if pd.api.types.is_numeric_dtype(a) and pd.api.types.is_numeric_dtype(b):
+            if not np.allclose(a.to_numpy(float), b.to_numpy(float), rtol=CSV_RTOL, atol=CSV_ATOL, equal_nan=True):
+                return False
+        elif not a.astype(str).equals(b.astype(str)):
+            return False
+    return True
+
+
+def stable_table(table: pd.DataFrame, out_dir: str | Path, name: str) -> pd.DataFrame:
+    """The figure data already in ``out_dir/name.csv`` if ``table`` agrees with it (see :func:`same_data`), else
+    ``table`` itself.
+
+    Plotting and saving what this returns makes a rerun on another machine, or with other thread counts, leave
+    the figure files byte-identical, while any real change (beyond the stated tolerance) replaces them.
+    """
+    path = Path(out_dir) / f"{name}.csv"
+    if not path.is_file():
+        return table
+    try:
+        on_disk = pd.read_csv(path)
+    except (ValueError, OSError):
+        return table
+    written = pd.read_csv(io.StringIO(table.to_csv(index=False, float_format=FLOAT_FORMAT)))
+    return on_disk if same_data(on_disk, written) else table
+
+
+def record_provenance(out_dir: str | Path, name: str, **provenance: Any) -> None:
+    """Note in ``out_dir/manifest.json`` what figure ``name`` was computed from (model, data, examples, window)."""
+    path = Path(out_dir) / MANIFEST
+    manifest = read_manifest(out_dir)
+    manifest[name] = provenance
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """The provenance of the figures in ``out_dir`` (empty if there is none or it does not parse)."""
+    try:
+        manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def check_provenance(out_dir: str | Path, names: Sequence[str], model: str) -> None:
+    """Raise unless every figure in ``names`` was computed for ``model`` (see :func:`record_provenance`).
+
+    Raises:
+        MmflowError: naming the figure and the model it belongs to.
+    """
+    manifest = read_manifest(out_dir)
+    for name in names:
+        entry = manifest.get(name)
+        if entry is None:
+            raise MmflowError(
+                f"{Path(out_dir) / name}.csv has no entry in {MANIFEST}: run the notebook that writes it "
+                f"with out_dir={str(out_dir)!r} first"
+            )
+        if entry.get("model") != model:
+            raise MmflowError(
+                f"{Path(out_dir) / name}.csv was computed for model {entry.get('model')!r}, not {model!r}: "
+                "rerun the analyses for this model, or point out_dir at its figures"
+            )
 
 
 def largest_drop(table: pd.DataFrame, **where: Any) -> tuple[int, float]:

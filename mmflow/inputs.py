@@ -166,6 +166,11 @@ def encode_example(
         raise MmflowError(f"Example {example.example_id}: image is {image.size}, the data says {example.image_size}")
     encoded = encode(processor, image, example.question, example.options, example.objects, device, dtype)
     if model is not None:
+        if example.boxes is None:
+            raise MmflowError(
+                f"{example.where}: the data has no box columns (e.g. 'central object x/y/w/h'), which the patch "
+                "groups (related/other patches) need"
+            )
         encoded.groups.update(
             patch_groups(model, processor, encoded.groups["image"], example.image_size, example.boxes)
         )

@@ -14,11 +14,19 @@ from mmflow.models import LlavaModel, num_layers
 from mmflow.paper import FLOWS, Flow, default_window, flow_name, flow_parts, window_layers
 
 
-def flow_positions(flow: Flow, groups: Mapping[str, Sequence[int]]) -> tuple[list[int], list[int]]:
+def flow_positions(
+    flow: Flow, groups: Mapping[str, Sequence[int]], length: int | None = None
+) -> tuple[list[int], list[int]]:
     """(sources, targets) positions of a flow (see :func:`~mmflow.paper.flow_parts`).
 
+    Args:
+        flow: the flow.
+        groups: the example's token groups.
+        length: the sequence length, to check explicit positions against.
+
     Raises:
-        MmflowError: for an unknown group, an empty group, or a flow that would leave a position no key.
+        MmflowError: for an unknown group, an empty group, a position outside the sequence, or a flow that would
+            leave a position no key.
 
     Example:
         >>> flow_positions("Image->Last", {"image": [1, 2], "last": [5]})
@@ -34,6 +42,9 @@ def flow_positions(flow: Flow, groups: Mapping[str, Sequence[int]]) -> tuple[lis
         else:
             out.append(sorted(int(p) for p in part))
     sources, targets = out
+    outside = [p for p in sources + targets if p < 0 or (length is not None and p >= length)]
+    if outside:
+        raise MmflowError(f"Flow {flow!r}: positions {outside} lie outside the sequence (0..{(length or 1) - 1})")
     if not sources or not targets:
         raise MmflowError(f"Flow {flow!r} has an empty group (sources {len(sources)}, targets {len(targets)})")
     for t in targets:  # a query row that keeps no key is undefined (NaN / uniform attention): refuse it
@@ -51,6 +62,16 @@ def has_empty_group(flow: Flow, groups: Mapping[str, Sequence[int]]) -> bool:
         True
     """
     return any(isinstance(p, str) and p in groups and not groups[p] for p in flow_parts(flow, groups))
+
+
+def check_flows(flows: Sequence[Flow]) -> None:
+    """Raise unless ``flows`` is a non-empty list (a single string is a common slip).
+
+    Raises:
+        MmflowError: naming the parameter.
+    """
+    if isinstance(flows, str) or not flows:
+        raise MmflowError(f"flows must be a non-empty list of {list(FLOWS)} or 'group->group', got {flows!r}")
 
 
 def check_window(window: int) -> int:
@@ -102,10 +123,9 @@ def knockout_sweep(
     centres = list(range(n_layers)) if layers is None else [int(c) for c in layers]
     if any(not 0 <= c < n_layers for c in centres):
         raise MmflowError(f"layers must lie in 0..{n_layers - 1} for this {n_layers}-layer model, got {centres}")
-    if not flows:
-        raise MmflowError(f"flows is empty: pass at least one of {list(FLOWS)} or 'group->group'")
+    check_flows(flows)
     windows = [window_layers(c, k, n_layers) for c in centres]
-    resolved = [(flow_name(flow), flow_positions(flow, encoded.groups)) for flow in flows]
+    resolved = [(flow_name(flow), flow_positions(flow, encoded.groups, encoded.length)) for flow in flows]
     rows = []
     with torch.inference_mode(), knockout_attention(model) as base:
         clean = clean or clean_run(model, encoded, keep_cache=sweep.needs_cache)

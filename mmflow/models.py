@@ -18,6 +18,7 @@ Adding a family is one :class:`Family` entry in :data:`FAMILIES` plus a test tha
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass
 from functools import reduce
@@ -97,25 +98,119 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(EMBEDDED_MODEL_DIR) if name_or_path == EMBEDDED_MODEL else str(name_or_path)
 
 
+#: Dtypes a model can be loaded in.
+DTYPES = ("float32", "float16", "bfloat16")
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+PROCESSOR_FILES = (
+    ("preprocessor_config.json", "processor_config.json"),
+    ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"),
+)
+
+
+def check_dtype_device(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """The torch dtype for ``dtype``, after checking both names.
+
+    Raises:
+        MmflowError: naming ``dtype`` or ``device`` and the allowed values.
+    """
+    if not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
+        raise MmflowError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise MmflowError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from err
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MmflowError(f"{path} does not parse as JSON ({err})") from err
+    if not isinstance(content, dict):
+        raise MmflowError(f"{path} does not hold a JSON object")
+    if "auto_map" in content:
+        raise MmflowError(
+            f"{path} asks for custom code (auto_map {content['auto_map']}): mmflow never runs code from "
+            "a checkpoint folder; use a checkpoint in the standard transformers format"
+        )
+    return content
+
+
+def check_safetensors(path: Path) -> None:
+    """Check that a ``.safetensors`` file holds every byte its header describes.
+
+    Raises:
+        MmflowError: naming the file if it is truncated or its header is unreadable.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or 8 + n > size:
+            raise MmflowError(f"Weight file {path} is truncated: {size} bytes, too short for its header")
+        try:
+            header = json.loads(handle.read(n))
+        except ValueError as err:
+            raise MmflowError(f"Weight file {path} has an unreadable header ({err})") from err
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise MmflowError(f"Weight file {path} is truncated: {size} bytes, its header describes {8 + n + end}")
+
+
+def check_checkpoint_folder(folder: Path) -> bool:
+    """Check a local checkpoint folder before any weight is loaded.
+
+    Returns:
+        Whether its weights are in safetensors files (then preferred).
+
+    Raises:
+        MmflowError: for a missing or unparsable config.json, custom code (``auto_map``), missing or truncated
+            weights, or missing processor files, each naming the file.
+    """
+    if not (folder / "config.json").is_file():
+        raise MmflowError(f"Model folder {folder} holds no config.json")
+    _read_json(folder / "config.json")
+    for alternatives in PROCESSOR_FILES:
+        found = [folder / name for name in alternatives if (folder / name).is_file()]
+        if not found:
+            raise MmflowError(f"Model folder {folder} lacks its processor: none of {list(alternatives)} is there")
+        for path in found:
+            if path.suffix == ".json":
+                _read_json(path)
+    safetensors = sorted(folder.glob(WEIGHT_FILES[0]))
+    if not safetensors and not sorted(folder.glob(WEIGHT_FILES[1])):
+        raise MmflowError(f"Model folder {folder} holds no weights ({' or '.join(WEIGHT_FILES)})")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        missing = sorted({f for f in _read_json(index).get("weight_map", {}).values() if not (folder / f).is_file()})
+        if missing:
+            raise MmflowError(f"{index} names weight files that are missing: {missing}")
+    for path in safetensors:
+        check_safetensors(path)
+    return bool(safetensors)
+
+
 def load_model(
     name_or_path: str = EMBEDDED_MODEL,
     device: str = "cpu",
     dtype: str | torch.dtype = "float32",
     local_files_only: bool | None = None,
 ) -> tuple[LlavaModel, Any]:
-    """Load a LLaVA-family model and its processor.
+    """Load a LLaVA-family model and its processor; never runs code from the checkpoint.
 
     Args:
         name_or_path: ``"shapes-llava"`` (embedded), a hub id, or a local checkpoint folder.
         device: torch device to move the model to.
-        dtype: torch dtype (name or object) passed to ``from_pretrained``.
+        dtype: one of :data:`DTYPES` (or a torch dtype), passed to ``from_pretrained``.
         local_files_only: default: True when ``HF_HUB_OFFLINE`` is set.
 
     Returns:
         ``(model, processor)``, the model in eval mode.
 
     Raises:
-        MmflowError: for a missing folder, a hub id that is not cached offline, or an unsupported family.
+        MmflowError: for a bad dtype or device, a missing or broken folder (see :func:`check_checkpoint_folder`),
+            a hub id that is not cached offline, custom code, or an unsupported family.
 
     Example:
         >>> model, processor = load_model("shapes-llava")
@@ -124,15 +219,26 @@ def load_model(
     """
     from transformers import AutoConfig, AutoProcessor
 
+    torch_dtype = check_dtype_device(dtype, device)
     path = resolve_model_path(name_or_path)
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise MmflowError(f"Model folder {folder} holds no config.json")
+        _read_json(folder / "config.json")  # parses, and asks for no custom code
+    elif folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
+        raise MmflowError(f"Model folder {path} not found")
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    safe = {"local_files_only": local_files_only, "trust_remote_code": False}
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
+        config = AutoConfig.from_pretrained(path, **safe)
     except (OSError, ValueError) as err:
-        if Path(path).expanduser().is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
-            raise MmflowError(f"Model folder {path} not found (or it holds no config.json)") from err
+        if "trust_remote_code" in str(err):
+            raise MmflowError(
+                f"Model '{name_or_path}' asks for custom code: mmflow never runs code from a "
+                "checkpoint; use a checkpoint in the standard transformers format"
+            ) from err
         raise MmflowError(
             f"Model '{name_or_path}' is not available: no local folder of that name and not in the Hugging Face "
             f"cache ({err.__class__.__name__}). Download it where there is network, e.g. "
@@ -142,9 +248,10 @@ def load_model(
     import transformers
 
     cls = getattr(transformers, family_of(config).model_class)
-    model = cls.from_pretrained(path, dtype=torch_dtype, local_files_only=local_files_only)
+    use_safetensors = (check_checkpoint_folder(folder) or None) if folder.is_dir() else None
+    model = cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=use_safetensors, **safe)
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
+    processor = AutoProcessor.from_pretrained(path, **safe)
     decoder_layers(model)  # fail early if the language model has no layer-indexed attention
     return model, processor
 

@@ -25,7 +25,7 @@ import torch
 from mmflow.data import Example
 from mmflow.errors import MmflowError
 from mmflow.inputs import Encoded, encode_example
-from mmflow.knockout import check_window, has_empty_group, knockout_sweep
+from mmflow.knockout import check_flows, check_window, has_empty_group, knockout_sweep
 from mmflow.lens import ANSWER, FALSE_OPTION, answer_token_ids, logit_lens, token_label
 from mmflow.models import EMBEDDED_MODEL, REPO_DIR, LlavaModel, load_model, num_layers
 from mmflow.paper import Flow, default_window, flow_name, flows_need_patches
@@ -262,6 +262,7 @@ class Run:
             row per example (``example_id, task, answer, predicted, correct, skipped_flows``).
         """
         check_unique_ids(examples)
+        check_flows(flows)
         k = default_window(self.n_layers) if window is None else check_window(window)
         names = [flow_name(f) for f in flows]
         key = config_key(

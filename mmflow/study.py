@@ -21,19 +21,18 @@ import pandas as pd
 from mmflow.data import EMBEDDED_DATA, Example, load_examples
 from mmflow.engines import ENGINES
 from mmflow.errors import MmflowError
-from mmflow.figures import save_figure
+from mmflow.figures import record_provenance, save_figure, stable_table
 from mmflow.inputs import Encoded
 from mmflow.knockout import check_window
-from mmflow.models import LlavaModel
+from mmflow.models import LlavaModel, check_dtype_device
 from mmflow.paper import TASKS, Flow, default_window
 from mmflow.runs import Run, accuracy_table
 
 #: Questions per task in a smoke run (the tests' quick pass through every notebook).
 SMOKE_PER_TASK = 2
-DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _check_params(tasks: Sequence[str], n_per_task: Any, window: Any, engine: str, dtype: str) -> None:
+def _check_params(tasks: Sequence[str], n_per_task: Any, window: Any, engine: str, dtype: str, device: str) -> None:
     if isinstance(tasks, str) or not tasks or any(t not in TASKS for t in tasks):
         raise MmflowError(f"tasks must be a non-empty list of {list(TASKS)}, got {tasks!r}")
     if n_per_task is not None and (isinstance(n_per_task, bool) or not isinstance(n_per_task, int) or n_per_task < 1):
@@ -44,8 +43,7 @@ def _check_params(tasks: Sequence[str], n_per_task: Any, window: Any, engine: st
         check_window(window)
     if engine not in ENGINES:
         raise MmflowError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
-    if dtype not in DTYPES:
-        raise MmflowError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    check_dtype_device(dtype, device)
 
 
 @dataclass
@@ -95,7 +93,7 @@ class Study:
         Raises:
             MmflowError: naming the first bad parameter.
         """
-        _check_params(tasks, n_per_task, window, engine, dtype)
+        _check_params(tasks, n_per_task, window, engine, dtype, device)
         run = Run.load(model, device=device, dtype=dtype, cache_dir=cache_dir)
         examples = load_examples(data, images or None, tasks, SMOKE_PER_TASK if smoke else n_per_task)
         k = default_window(run.n_layers) if window is None else window
@@ -150,11 +148,20 @@ class Study:
         """Logit-lens rows of the correctly answered examples (cached); shows the accuracy table."""
         return self._kept(*self.run.lens(self.examples))
 
+    def stable(self, table: pd.DataFrame, name: str) -> pd.DataFrame:
+        """The figure data already saved as ``name`` if this run agrees with it within the stated tolerance, else
+        ``table`` (see :func:`~mmflow.figures.stable_table`)."""
+        return stable_table(table, self.out_dir, name)
+
     def figure(self, fig: Any, data: pd.DataFrame, name: str) -> list[Path]:
-        """Save a figure with its data as ``out_dir/name``.png/.pdf/.csv and show it."""
+        """Save a figure with its data as ``out_dir/name``.png/.pdf/.csv, note its provenance, and show it."""
         import matplotlib.pyplot as plt
 
         paths = save_figure(fig, data, self.out_dir, name)
+        tasks = list(dict.fromkeys(e.task for e in self.examples))
+        record_provenance(
+            self.out_dir, name, model=self.run.name, data=self.data, examples=len(self.examples), tasks=tasks, k=self.k
+        )
         plt.show()
         return paths
 

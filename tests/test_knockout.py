@@ -84,7 +84,7 @@ def test_bad_sweep_parameters_are_named(loaded):
         mu.knockout_sweep(model, enc, ["Image->Last"], window=3, layers=[99])
     with pytest.raises(mu.MmflowError, match=r"layers must lie in"):
         mu.knockout_sweep(model, enc, ["Image->Last"], window=3, layers=[-1])
-    with pytest.raises(mu.MmflowError, match="flows is empty"):
+    with pytest.raises(mu.MmflowError, match="flows must be a non-empty list"):
         mu.knockout_sweep(model, enc, [], window=3)
 
 

@@ -165,3 +165,19 @@ def test_make_passes_each_notebook_its_own_parameters_with_absolute_paths(tmp_pa
 def test_study_names_a_bad_parameter(bad, message):
     with pytest.raises(mu.MmflowError, match=message):
         mu.Study.from_params(**bad)
+
+
+def test_a_fresh_default_run_reproduces_the_committed_figures(tmp_path):
+    """All notebooks with their default parameters, a fresh cache and an empty out_dir: every figure's data equals
+    the committed CSV within the stated tolerance (floating-point order differs across machines)."""
+    from mmflow.figures import CSV_ATOL, CSV_RTOL
+
+    out = tmp_path / "figures"
+    for name in FIGURES:
+        execute(name, tmp_path / f"{name}.ipynb", out_dir=str(out), cache_dir=str(tmp_path / "results"))
+    committed = NOTEBOOKS.parent / "figures"
+    for figure in [f for figures in FIGURES.values() for f in figures]:
+        fresh, saved = pd.read_csv(out / f"{figure}.csv"), pd.read_csv(committed / f"{figure}.csv")
+        pd.testing.assert_frame_equal(fresh, saved, check_exact=False, rtol=CSV_RTOL, atol=CSV_ATOL, obj=figure)
+    assert (out / "verdicts.csv").read_text() == (committed / "verdicts.csv").read_text()
+    assert (out / "manifest.json").read_text() == (committed / "manifest.json").read_text()

@@ -173,11 +173,11 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     return manifest if isinstance(manifest, dict) else {}
 
 
-def check_provenance(out_dir: str | Path, names: Sequence[str], model: str) -> None:
-    """Raise unless every figure in ``names`` was computed for ``model`` (see :func:`record_provenance`).
+def check_provenance(out_dir: str | Path, names: Sequence[str], model: str, data: str | None = None) -> None:
+    """Raise unless every figure in ``names`` was computed for ``model`` (and ``data``, if given).
 
     Raises:
-        MmflowError: naming the figure and the model it belongs to.
+        MmflowError: naming the figure and the model or data it belongs to.
     """
     manifest = read_manifest(out_dir)
     for name in names:
@@ -191,6 +191,11 @@ def check_provenance(out_dir: str | Path, names: Sequence[str], model: str) -> N
             raise MmflowError(
                 f"{Path(out_dir) / name}.csv was computed for model {entry.get('model')!r}, not {model!r}: "
                 "rerun the analyses for this model, or point out_dir at its figures"
+            )
+        if data is not None and entry.get("data") != data:
+            raise MmflowError(
+                f"{Path(out_dir) / name}.csv was computed on data {entry.get('data')!r}, not {data!r}: "
+                "rerun the analyses on this data, or point out_dir at its figures"
             )
 
 

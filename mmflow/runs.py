@@ -94,14 +94,15 @@ def check_unique_ids(examples: Sequence[Example]) -> None:
     """Raise if two examples share an id (one would silently replace the other in every table).
 
     Raises:
-        MmflowError: naming the id and both examples' positions.
+        MmflowError: naming the id and both examples (their file and line where known, else their positions).
     """
     seen: dict[str, int] = {}
     for i, example in enumerate(examples):
         if example.example_id in seen:
+            first = examples[seen[example.example_id]]
             raise MmflowError(
-                f"Duplicate example id {example.example_id!r}: examples #{seen[example.example_id]} and #{i} "
-                f"({example.task}: {example.question!r})"
+                f"Duplicate example id {example.example_id!r}: examples #{seen[example.example_id]} "
+                f"({first.source or first.task}) and #{i} ({example.source or example.task})"
             )
         seen[example.example_id] = i
 

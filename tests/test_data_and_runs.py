@@ -300,7 +300,9 @@ def test_an_edited_example_is_recomputed(run):
 def test_duplicate_ids_are_rejected_with_both_named(run):
     examples = examples_for(run, 2)
     examples[1].example_id = examples[0].example_id
-    with pytest.raises(mu.MmflowError, match=r"Duplicate example id 'ex0': examples #0 and #1"):
+    with pytest.raises(
+        mu.MmflowError, match=r"Duplicate example id 'ex0': examples #0 \(ChooseAttr\) and #1 \(ChooseAttr\)"
+    ):
         run.knockout(examples, ["Image->Last"], window=3)
     with pytest.raises(mu.MmflowError, match="Duplicate example id"):
         run.lens(examples)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -91,6 +92,9 @@ def test_overview_writes_computed_verdicts(executed):
     verdicts = pd.read_csv(executed / "figures" / "verdicts.csv")
     assert list(verdicts.columns) == ["analysis", "paper", "this_model", "verdict"]
     assert set(verdicts.verdict) <= {"agrees", "mostly agrees", "partly", "differs"} and len(verdicts) == 6
+    manifest = json.loads((executed / "figures" / "manifest.json").read_text())
+    assert manifest[mu.FIG_OVERVIEW] == {"model": "shapes-llava", "data": "shapes"}
+    assert {entry["examples"] for name, entry in manifest.items() if name != mu.FIG_OVERVIEW} == {12}
 
 
 def test_explorer_callbacks_without_browser(tmp_path):
@@ -140,7 +144,7 @@ def test_make_passes_each_notebook_its_own_parameters_with_absolute_paths(tmp_pa
     overview = notebook_parameters(
         argparse.Namespace(**given), list(pm.inspect_notebook(NOTEBOOKS / "5_overview.ipynb"))
     )
-    assert set(overview) == {"model", "out_dir"}
+    assert set(overview) == {"model", "data", "out_dir"}
     hub = notebook_parameters(
         argparse.Namespace(**{**given, "model": "llava-hf/llava-1.5-7b-hf", "n_per_task": "7"}), declared
     )

@@ -301,8 +301,10 @@ def test_stable_table_keeps_saved_numbers_within_the_stated_tolerance(tmp_path):
 
 
 def test_overview_refuses_figures_of_another_model(tmp_path):
-    mu.record_provenance(tmp_path, mu.FIG_TO_LAST, model="shapes-llava")
-    mu.check_provenance(tmp_path, [mu.FIG_TO_LAST], "shapes-llava")
+    mu.record_provenance(tmp_path, mu.FIG_TO_LAST, model="shapes-llava", data="shapes")
+    mu.check_provenance(tmp_path, [mu.FIG_TO_LAST], "shapes-llava", "shapes")
+    with pytest.raises(mu.MmflowError, match="fig1_to_last.csv was computed on data 'shapes', not '/data/gqa'"):
+        mu.check_provenance(tmp_path, [mu.FIG_TO_LAST], "shapes-llava", "/data/gqa")
     with pytest.raises(mu.MmflowError, match="fig1_to_last.csv was computed for model 'shapes-llava', not 'llava-hf"):
         mu.check_provenance(tmp_path, [mu.FIG_TO_LAST], "llava-hf/llava-1.5-7b-hf")
     with pytest.raises(mu.MmflowError, match="fig4_answer_casing.csv has no entry"):

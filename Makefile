@@ -13,6 +13,8 @@ DTYPE  ?= float32
 N      ?=
 OUT    ?= figures
 CACHE  ?= results
+INPUTS ?=
+KEEP   ?=
 
 EXECUTED  := notebooks/executed
 SOURCES   := $(sort $(wildcard notebooks/[0-9]*_*.ipynb))
@@ -21,10 +23,10 @@ OVERVIEW  := $(filter %_overview.ipynb,$(RUNS))
 ANALYSES  := $(filter-out $(OVERVIEW),$(RUNS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format reproduce bench toy-model toy-eval clean FORCE
+.PHONY: help venv test lint format reproduce check-data bench toy-model toy-eval clean FORCE
 
 help: ## list the targets
-	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=...]"
+	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=... INPUTS=... KEEP=...]"
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create or refresh .venv from requirements.lock
@@ -50,9 +52,12 @@ reproduce: $(RUNS) ## run every notebook headlessly -> OUT/*.png|pdf|csv, execut
 
 $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
 	@$(PY) -m mmflow.execute $< $@ --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --device "$(DEVICE)" \
-	  --dtype "$(DTYPE)" --n "$(N)" --out-dir "$(OUT)" --cache-dir "$(CACHE)"
+	  --dtype "$(DTYPE)" --n "$(N)" --out-dir "$(OUT)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)"
 
 $(OVERVIEW): $(ANALYSES) # the overview reads the figures' CSVs the analyses write
+
+check-data: $(STAMP) ## check DATA + IMAGES against MODEL's config and processor (no weights) before a long run
+	$(PY) -m mmflow.check_data --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --n "$(N)" --inputs "$(INPUTS)"
 
 bench: $(STAMP) ## the knockout engines side by side (speed, memory, agreement)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench.py

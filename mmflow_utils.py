@@ -33,6 +33,7 @@ from mmflow.figures import (
     mean_over_tasks,
     plot_curves,
     plot_patch_overlay,
+    read_manifest,
     record_provenance,
     save_figure,
 )
@@ -43,9 +44,11 @@ from mmflow.lens import (
     ANSWER,
     CAPITALIZED,
     FALSE_OPTION,
+    LENS_VIEWS,
     LOWERCASE,
+    PAPER_VIEW,
+    RAW,
     WITH_NORM,
-    WITHOUT_NORM,
     answer_token_ids,
     capture_layer_outputs,
     logit_lens,
@@ -64,8 +67,9 @@ from mmflow.paper import (
     window_layers,
 )
 from mmflow.patches import NEITHER, OTHER, RELATED, image_token_labels, patch_groups
-from mmflow.runs import Run, accuracy_table, greedy_answer, merge_cached, shard_of
+from mmflow.runs import KEEP, Run, greedy_answer, merge_cached, shard_of
 from mmflow.study import Study
+from mmflow.tables import accuracy_table, example_table, wrong_answers
 from mmflow.widgets import KnockoutExplorer
 
 # fmt: off
@@ -82,13 +86,13 @@ __all__ = [
     # knockout and logit lens
     "BlockMask", "block_mask", "Knockout", "knockout_attention", "Clean", "clean_run", "ENGINES", "flow_positions",
     "knockout_sweep", "logit_lens", "capture_layer_outputs", "answer_token_ids", "token_label", "ANSWER",
-    "FALSE_OPTION", "LOWERCASE", "CAPITALIZED", "WITH_NORM", "WITHOUT_NORM",
+    "FALSE_OPTION", "LOWERCASE", "CAPITALIZED", "LENS_VIEWS", "WITH_NORM", "RAW", "PAPER_VIEW",
     # runs over many examples
-    "Run", "accuracy_table", "greedy_answer", "merge_cached", "shard_of",
+    "Run", "KEEP", "accuracy_table", "example_table", "wrong_answers", "greedy_answer", "merge_cached", "shard_of",
     # figures, findings, notebooks
     "FIG_TO_LAST", "FIG_IMAGE_TO_QUESTION", "FIG_PATCH_GROUPS", "FIG_PATCH_EXAMPLE", "FIG_CASING",
     "FIG_CASING_PER_TASK", "FIG_OVERVIEW", "NOTEBOOK_FIGURES", "curve_table", "plot_curves", "save_figure",
-    "largest_drop", "mean_over_tasks", "describe_curves", "plot_patch_overlay", "record_provenance",
+    "largest_drop", "mean_over_tasks", "describe_curves", "plot_patch_overlay", "record_provenance", "read_manifest",
     "check_provenance", "findings", "Verdict",
     "verdict_table", "verdict_markdown", "Study", "KnockoutExplorer",
 ]

@@ -71,9 +71,18 @@ class Example:
         """A content hash of the example: every field that can change a result, and the image's pixels.
 
         Two examples with the same digest give the same results on the same model, wherever their files live;
-        an edited question or a replaced image gives a new digest.
+        an edited question or a replaced image gives a new digest. A missing or unreadable image is hashed as
+        such (with its path), so its recorded failure is redone once the image is there.
         """
-        image = self.image()
+        try:
+            image = self.image()
+            pixels = {
+                "image": hashlib.sha256(image.tobytes()).hexdigest(),
+                "mode": image.mode,
+                "size": list(image.size),
+            }
+        except MmflowError:
+            pixels = {"unreadable image": str(self.image_path)}
         fields = {
             "example_id": self.example_id,
             "task": self.task,
@@ -84,9 +93,7 @@ class Example:
             "boxes": None if self.boxes is None else [list(b) for b in self.boxes],
             "true_option": self.true_option,
             "false_option": self.false_option,
-            "image": hashlib.sha256(image.tobytes()).hexdigest(),
-            "mode": image.mode,
-            "size": list(image.size),
+            **pixels,
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -227,16 +234,15 @@ def read_csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         raise MmflowError(f"{path}: not a readable CSV ({err})") from err
 
 
-def load_gqa(
+def iter_gqa(
     csv_dir: str | Path, image_dir: str | Path, tasks: Sequence[str] = TASKS, n: int | None = None
-) -> list[Example]:
-    """The first ``n`` questions per task (all if None) from the paper's GQA CSVs, images ``image_dir/<img_id>.jpg``.
+) -> Iterator[tuple[str, str, Example | None, MmflowError | None]]:
+    """Every row of the paper's GQA CSVs (the first ``n`` per task if given), each as ``(task, where, example,
+    error)``: the example, or the reason the row cannot become one (``where`` = file and physical line).
 
     Raises:
-        MmflowError: naming the file, physical line and cell of a malformed row or a missing image; nothing is
-            dropped.
+        MmflowError: for a problem with a whole file (missing, not UTF-8, empty, missing columns, broken CSV).
     """
-    examples = []
     for task in tasks:
         path = gqa_csv_path(csv_dir, task)
         for i, (line, row) in enumerate(read_csv_rows(path)):
@@ -247,10 +253,29 @@ def load_gqa(
             if n is not None and i >= n:
                 break
             where = f"{path.name} line {line}"
-            image_path = image_file(image_dir, str(row.get("img_id", "")).strip(), where)
-            if not image_path.is_file():
-                raise MmflowError(f"{where}: image {image_path} not found (GQA images go in {image_dir})")
-            examples.append(example_from_row(row, task, where, image_path=str(image_path)))
+            try:
+                image_path = image_file(image_dir, str(row.get("img_id", "")).strip(), where)
+                yield task, where, example_from_row(row, task, where, image_path=str(image_path)), None
+            except MmflowError as err:
+                yield task, where, None, err
+
+
+def load_gqa(
+    csv_dir: str | Path, image_dir: str | Path, tasks: Sequence[str] = TASKS, n: int | None = None
+) -> list[Example]:
+    """The first ``n`` questions per task (all if None) from the paper's GQA CSVs, images ``image_dir/<img_id>.jpg``.
+
+    An image is read when the example is encoded: a missing or unreadable one is recorded for that example by the
+    runs (and listed by ``make check-data``), not fatal here.
+
+    Raises:
+        MmflowError: naming the file, physical line and cell of the first malformed row; nothing is dropped.
+    """
+    examples = []
+    for _, _, example, error in iter_gqa(csv_dir, image_dir, tasks, n):
+        if error is not None:
+            raise error
+        examples.append(example)
     return examples
 
 

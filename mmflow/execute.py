@@ -23,9 +23,7 @@ def notebook_parameters(args: argparse.Namespace, declared: list[str]) -> dict:
     Raises:
         MmflowError: for an ``N`` that is not a non-negative integer.
     """
-    given = {
-        name: value for name, value in vars(args).items() if value is not None and name not in ("source", "executed")
-    }
+    given = {k: v for k, v in vars(args).items() if v not in (None, "") and k not in ("source", "executed")}
     for name in PATH_OPTIONS:
         if given.get(name) and not (name == "data" and given[name] == "shapes"):
             given[name] = str(Path(given[name]).expanduser().resolve())
@@ -33,7 +31,7 @@ def notebook_parameters(args: argparse.Namespace, declared: list[str]) -> dict:
         given["model"] = str(Path(given["model"]).expanduser().resolve())
     if "n_per_task" in given:
         text = given["n_per_task"].strip()
-        if text in ("", "0"):
+        if text == "0":
             given["n_per_task"] = None
         elif text.isdigit():
             given["n_per_task"] = int(text)
@@ -51,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path)
     parser.add_argument("executed", type=Path)
-    for name in ("model", "data", "images", "device", "dtype", "out_dir", "cache_dir", "engine"):
+    for name in ("model", "data", "images", "device", "dtype", "out_dir", "cache_dir", "engine", "inputs", "keep"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
     parser.add_argument("--n", dest="n_per_task", help="questions per task (0 or empty: the default)")
     args = parser.parse_args(argv)

@@ -40,6 +40,8 @@ NOTEBOOK_FIGURES = {
     "5_overview": (FIG_OVERVIEW,),
 }
 YLABEL_CHANGE = "% change in answer probability"
+#: What a panel or a summary says when no example was kept.
+NO_KEPT = "no kept examples"
 #: Changes smaller than this (percentage points) are reported as no change.
 NOISE_PP = 1.0
 
@@ -66,15 +68,20 @@ def plot_curves(
     ylabel: str = YLABEL_CHANGE,
     title: str = "",
     ncols: int = 3,
+    panels: Sequence[str] | None = None,
 ) -> Any:
     """One panel per ``panel`` value, one line (mean with its band) per ``line`` value.
+
+    Args:
+        panels: the panels to draw, in order (default: those in ``table``); one without data says
+            "no kept examples", so a task never silently disappears.
 
     Returns:
         The matplotlib figure.
     """
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys(table[panel]))
+    panels = list(dict.fromkeys(panels if panels is not None else table[panel])) or [NO_KEPT]
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(
         nrows, min(ncols, len(panels)), figsize=(4.2 * min(ncols, len(panels)), 3.2 * nrows), squeeze=False, sharex=True
@@ -85,12 +92,16 @@ def plot_curves(
             ax.plot(curve[x], curve["mean"], marker=".", label=label)
             ax.fill_between(curve[x], curve["ci_low"], curve["ci_high"], alpha=0.2)
         ax.axhline(0, color="grey", lw=0.6)
-        ax.set_title(f"{name} (n={int(part['n'].max())})", fontsize=10)
+        if part.empty:
+            ax.text(0.5, 0.5, NO_KEPT, ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_title(f"{name} (n={int(part['n'].max()) if len(part) else 0})", fontsize=10)
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel, fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    with_lines = [ax for ax in axes.flat if ax.get_lines()[1:]]  # more than the zero line
+    if with_lines:
+        with_lines[0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -224,6 +235,9 @@ def describe_curves(table: pd.DataFrame, flows: Sequence[str], n_layers: int) ->
     overall = mean_over_tasks(table)
     lines = []
     for flow in flows:
+        if not (overall.flow == flow).any():
+            lines.append(f"- {flow}: {NO_KEPT}")
+            continue
         layer, value = largest_drop(overall, flow=flow)
         if value > -NOISE_PP:
             lines.append(f"- {flow}: no drop beyond {NOISE_PP:.0f}% at any centre layer (lowest {value:+.2f}%)")
@@ -235,12 +249,15 @@ def describe_curves(table: pd.DataFrame, flows: Sequence[str], n_layers: int) ->
     return "\n".join(lines)
 
 
-def plot_patch_overlay(model: LlavaModel, processor, example: Example, ax: Any = None) -> Any:
-    """The model's view of an example's image with related (red) and other (blue) patches overlaid."""
+def plot_patch_overlay(
+    model: LlavaModel, processor, example: Example, ax: Any = None, inputs: str = "processor"
+) -> Any:
+    """The model's view of an example's image (its base tile, as ``inputs`` builds it) with related (red) and other
+    (blue) patches overlaid."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    image, grid = base_patch_grid(model, processor, example.image(), example.boxes)
+    image, grid = base_patch_grid(model, processor, example.image(), example.boxes or [], inputs)
     ax = ax or plt.subplots(figsize=(3.5, 3.5))[1]
     ax.imshow(image)
     cell = image.shape[0] / grid.shape[0]

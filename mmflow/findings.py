@@ -1,6 +1,7 @@
 """The paper's claims next to computed verdicts for the model at hand: one function per claim, no hand-typed numbers.
 
-A verdict is one of ``agrees``, ``mostly agrees``, ``partly``, ``differs``; the thresholds are constants here.
+A verdict is one of ``agrees``, ``mostly agrees``, ``partly``, ``differs``, or ``not computed`` where no example was
+kept; the thresholds are constants here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-from mmflow.figures import mean_over_tasks
+from mmflow.figures import NO_KEPT, mean_over_tasks
 from mmflow.lens import ANSWER, CAPITALIZED, LOWERCASE, WITH_NORM, token_label
 from mmflow.paper import IMAGE_TO_QUESTION, PATCH_FLOWS, layer_third
 
@@ -42,6 +43,23 @@ def verdict_markdown(verdicts: Sequence[Verdict]) -> str:
     return "\n".join(lines)
 
 
+#: The paper's claims, as the verdict tables state them.
+CLAIMS = {
+    "Image->Last": "about 0 at every layer",
+    "Question->Last": "large drop in the middle layers",
+    IMAGE_TO_QUESTION: "two drops: lower layers, then lower-middle layers",
+    PATCH_FLOWS[1]: "drop in the lower layers (general image information)",
+    PATCH_FLOWS[0]: "drop in the lower-middle layers, after the other patches",
+    "Answer casing": "lowercase answer forms in the middle layers, Capitalized wins at the top",
+}
+#: The verdict where there is no data to judge.
+NOT_COMPUTED = "not computed"
+
+
+def _not_computed(analysis: str) -> Verdict:
+    return Verdict(analysis, CLAIMS[analysis], NO_KEPT, NOT_COMPUTED)
+
+
 def _curve(table: pd.DataFrame, flow: str) -> pd.Series:
     overall = mean_over_tasks(table)
     return overall[overall.flow == flow].set_index("layer")["mean"].sort_index()
@@ -71,6 +89,8 @@ def image_to_last(table: pd.DataFrame, n_layers: int) -> Verdict:
     over tasks does at half the layers or more (the text names the task that strays most); else ``differs``.
     """
     curve = _curve(table, "Image->Last")
+    if curve.empty:
+        return _not_computed("Image->Last")
     small = int((curve.abs() <= SMALL_PP).sum())
     _, _, drop = _drop_text(curve, n_layers)
     per_task = table[table.flow == "Image->Last"]
@@ -83,14 +103,17 @@ def image_to_last(table: pd.DataFrame, n_layers: int) -> Verdict:
         verdict = "agrees"
     else:
         verdict = "mostly agrees" if small >= len(curve) / 2 else "differs"
-    return Verdict("Image->Last", "about 0 at every layer", observed, verdict)
+    return Verdict("Image->Last", CLAIMS["Image->Last"], observed, verdict)
 
 
 def question_to_last(table: pd.DataFrame, n_layers: int) -> Verdict:
     """Question->Last drops most in the middle layers."""
-    layer, value, drop = _drop_text(_curve(table, "Question->Last"), n_layers)
+    curve = _curve(table, "Question->Last")
+    if curve.empty:
+        return _not_computed("Question->Last")
+    layer, value, drop = _drop_text(curve, n_layers)
     verdict = _drop_verdict(value, where_claimed=layer_third(layer, n_layers) == "middle")
-    return Verdict("Question->Last", "large drop in the middle layers", drop, verdict)
+    return Verdict("Question->Last", CLAIMS["Question->Last"], drop, verdict)
 
 
 def _local_minima(curve: pd.Series) -> list[int]:
@@ -105,31 +128,38 @@ def _local_minima(curve: pd.Series) -> list[int]:
 def image_to_question(table: pd.DataFrame, n_layers: int) -> Verdict:
     """Image->Question drops twice: in the lower layers, then in the lower-middle layers."""
     curve = _curve(table, IMAGE_TO_QUESTION)
+    if curve.empty:
+        return _not_computed(IMAGE_TO_QUESTION)
     minima = _local_minima(curve)
     found = ", ".join(f"{curve[m]:+.1f}% at layer {m}" for m in minima) or f"none below -{DROP_PP:.0f}%"
     if len(minima) >= 2 and layer_third(minima[0], n_layers) == "lower":
         verdict = "agrees"
     else:
         verdict = "partly" if minima else "differs"
-    return Verdict(IMAGE_TO_QUESTION, "two drops: lower layers, then lower-middle layers", f"drops: {found}", verdict)
+    return Verdict(IMAGE_TO_QUESTION, CLAIMS[IMAGE_TO_QUESTION], f"drops: {found}", verdict)
 
 
 def patch_flows(table: pd.DataFrame, n_layers: int) -> list[Verdict]:
     """Other patches matter in the lower layers; related patches in the lower-middle layers, after them."""
     related, other = PATCH_FLOWS
-    l_o, v_o, text_o = _drop_text(_curve(table, other), n_layers)
-    l_r, v_r, text_r = _drop_text(_curve(table, related), n_layers)
-    verdict_o = _drop_verdict(v_o, where_claimed=layer_third(l_o, n_layers) == "lower")
-    verdict_r = _drop_verdict(v_r, where_claimed=v_o <= -DROP_PP and l_r > l_o)
-    return [
-        Verdict(other, "drop in the lower layers (general image information)", text_o, verdict_o),
-        Verdict(related, "drop in the lower-middle layers, after the other patches", text_r, verdict_r),
-    ]
+    curve_o, curve_r = _curve(table, other), _curve(table, related)
+    verdicts = [_not_computed(other), _not_computed(related)]
+    if not curve_o.empty:
+        l_o, v_o, text_o = _drop_text(curve_o, n_layers)
+        verdict = _drop_verdict(v_o, where_claimed=layer_third(l_o, n_layers) == "lower")
+        verdicts[0] = Verdict(other, CLAIMS[other], text_o, verdict)
+    if not curve_r.empty:
+        l_r, v_r, text_r = _drop_text(curve_r, n_layers)
+        after_other = not curve_o.empty and v_o <= -DROP_PP and l_r > l_o
+        verdicts[1] = Verdict(related, CLAIMS[related], text_r, _drop_verdict(v_r, where_claimed=after_other))
+    return verdicts
 
 
 def answer_casing(lens_table: pd.DataFrame) -> Verdict:
     """The lowercase answer forms in the middle layers; the Capitalized form wins at the top."""
     normed = lens_table[lens_table.view == WITH_NORM].pivot(index="layer", columns="token", values="mean").sort_index()
+    if normed.empty:
+        return _not_computed("Answer casing")
     low, cap = normed[token_label(ANSWER, LOWERCASE)], normed[token_label(ANSWER, CAPITALIZED)]
     top, peak = int(normed.index[-1]), int(low.idxmax())
     cap_wins_top = cap[top] > low[top]
@@ -144,6 +174,4 @@ def answer_casing(lens_table: pd.DataFrame) -> Verdict:
         verdict = "agrees"
     else:
         verdict = "partly" if cap_wins_top and rises_then_falls else "differs"
-    return Verdict(
-        "Answer casing", "lowercase answer forms in the middle layers, Capitalized wins at the top", observed, verdict
-    )
+    return Verdict("Answer casing", CLAIMS["Answer casing"], observed, verdict)

@@ -3,48 +3,89 @@ patches), located through the tokenizer's offset mappings."""
 
 from __future__ import annotations
 
-import contextlib
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from mmflow.data import Example
 from mmflow.errors import MmflowError
-from mmflow.models import LlavaModel
-from mmflow.paper import INSTRUCTION, llava15_prompt
-from mmflow.patches import patch_groups
+from mmflow.models import EMBEDDED_MODEL, LlavaModel
+from mmflow.paper import INPUTS, INSTRUCTION, LLAMA3_SUFFIX, LLAMA3_SYSTEM, PAPER_USER, llava15_prompt, vicuna_prompt
+from mmflow.patches import model_view, patch_groups
+from mmflow.words import locate_object, locate_options
+
+LLAMA3_HEADER = "<|start_header_id|>"
 
 
-def build_prompt(processor, question: str) -> str:
-    """The paper's input text: the processor's chat template if it has one, else the LLaVA-1.5 form."""
+def resolve_inputs(inputs: str | None, model: str) -> str:
+    """The inputs mode: ``inputs`` if given; by default "paper" for real checkpoints and "processor" for the
+    embedded shapes-llava (trained on the processor's prompt; its word-level vocabulary has no system prompt).
+
+    Raises:
+        MmflowError: for an unknown mode.
+
+    Example:
+        >>> resolve_inputs(None, "llava-hf/llava-1.5-7b-hf"), resolve_inputs(None, "shapes-llava")
+        ('paper', 'processor')
+    """
+    if inputs is None:
+        return "processor" if model == EMBEDDED_MODEL else "paper"
+    if inputs not in INPUTS:
+        raise MmflowError(f"inputs must be one of {list(INPUTS)} (or None for the default), got {inputs!r}")
+    return inputs
+
+
+def paper_template(processor, config) -> str:
+    """The official conversation template for a checkpoint, chosen by its structure (never its name).
+
+    Returns:
+        ``"llava_llama_3"`` if the tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for another Llama
+        backbone (Vicuna).
+
+    Raises:
+        MmflowError: for a backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.
+    """
+    tokenizer = processor.tokenizer
+    if LLAMA3_HEADER in tokenizer.get_vocab():
+        if not getattr(tokenizer, "chat_template", None):
+            raise MmflowError("This Llama-3 tokenizer has no chat template, which the paper's llava_llama_3 inputs use")
+        return "llava_llama_3"
+    backbone = config.get_text_config().model_type
+    if backbone == "llama":
+        return "vicuna_v1"
+    raise MmflowError(
+        f"The paper's inputs are defined for its Vicuna and Llama-3 backbones; this checkpoint's language model is "
+        f"{backbone!r}: use inputs='processor'"
+    )
+
+
+def build_prompt(processor, question: str, inputs: str = "processor", config=None) -> str:
+    """The input text for a question.
+
+    Args:
+        processor: the checkpoint's processor.
+        question: the question.
+        inputs: ``"paper"``: the official conversation template (:func:`paper_template`), e.g. for LLaVA-1.5
+            ``"<vicuna system prompt> USER: <image>\\n{question} \\nAnswer ... ASSISTANT:"``; ``"processor"``: the
+            processor's chat template if it has one, else the LLaVA-1.5 form without a system prompt.
+        config: the model's config (needed for ``"paper"``).
+    """
+    if inputs == "paper":
+        if paper_template(processor, config) == "vicuna_v1":
+            return vicuna_prompt(question)
+        messages = [
+            {"role": "system", "content": LLAMA3_SYSTEM},
+            {"role": "user", "content": PAPER_USER.format(question=question)},
+        ]
+        rendered = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return rendered + LLAMA3_SUFFIX
     if getattr(processor, "chat_template", None):
         text = f"{question}\n{INSTRUCTION}"
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
     return llava15_prompt(question)
-
-
-def find_span(text: str, phrase: str, start: int = 0, end: int | None = None, prefix: bool = False) -> tuple[int, int]:
-    """Character span of the first whole-word occurrence of ``phrase`` in ``text[start:end]`` (case-insensitive).
-
-    With ``prefix`` the match may continue into a longer word (``circle`` matches ``circles``).
-
-    Raises:
-        MmflowError: if there is no such occurrence.
-
-    Example:
-        >>> find_span("Are there circles or squares?", "circle", prefix=True), find_span("a red or blue car", "Blue")
-        ((10, 17), (9, 13))
-    """
-    tail = r"\w*" if prefix else r"(?!\w)"
-    pattern = re.compile(r"(?<!\w)" + re.escape(phrase.strip()) + tail, re.IGNORECASE)
-    match = pattern.search(text, start, len(text) if end is None else end)
-    if match is None:
-        raise MmflowError(f"'{phrase}' not found in {text[start:end]!r}")
-    return match.span()
 
 
 def tokens_in_span(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> list[int]:
@@ -65,6 +106,8 @@ class Encoded:
     inputs: dict[str, torch.Tensor]
     groups: dict[str, list[int]]
     prompt: str
+    #: how each option and object group was found (see :mod:`mmflow.words`), or why it was not
+    located: dict[str, str] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -99,6 +142,8 @@ def encode(
     objects: Sequence[str] = (),
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    inputs: str = "processor",
+    config=None,
 ) -> Encoded:
     """Build the model input for one image and question, and locate its token groups.
 
@@ -110,22 +155,29 @@ def encode(
         objects: object names; each found word becomes a group ``object:<name>``.
         device: where the input tensors go.
         dtype: dtype of the pixel values (None: the processor's).
+        inputs: ``"paper"`` (official prompt; single-tile images padded to a square with the mean colour) or
+            ``"processor"`` (see :func:`build_prompt`).
+        config: the model's config (needed for ``"paper"``).
 
     Returns:
         The inputs and the groups ``image`` (all image-token positions after expansion), ``question``, ``last``,
-        ``true_option``/``false_option`` and ``object:<name>``.
+        ``true_option``/``false_option`` (in the question's "X or Y" slot) and ``object:<name>``; ``located`` says
+        which rule found each option and object, or that it was not found (then its group is absent).
 
     Raises:
-        MmflowError: if the image is not a PIL image, or the question or an option is not in the prompt.
+        MmflowError: if the image is not a PIL image, or the question is not in the prompt.
     """
     if not isinstance(image, Image.Image):
         raise MmflowError(f"Expected a PIL image, got {type(image).__name__}")
-    prompt = build_prompt(processor, question)
+    if inputs == "paper" and config is None:
+        raise MmflowError("inputs='paper' needs the model's config (config=model.config)")
+    prompt = build_prompt(processor, question, inputs, config)
     q_start = prompt.find(question)
     if not question or q_start < 0:
         raise MmflowError(f"Question {question!r} not found in the prompt {prompt!r}")
     q_span = (q_start, q_start + len(question))
-    batch = processor(images=image.convert("RGB"), text=prompt, return_offsets_mapping=True, return_tensors="pt")
+    view = model_view(image.convert("RGB"), processor, config, inputs) if inputs == "paper" else image.convert("RGB")
+    batch = processor(images=view, text=prompt, return_offsets_mapping=True, return_tensors="pt")
     offsets_t = batch.pop("offset_mapping")[0]
     ids = batch["input_ids"][0]
     image_pos = (ids == processor.image_token_id).nonzero().flatten().tolist()
@@ -135,18 +187,26 @@ def encode(
         "question": tokens_in_span(offsets, q_span),
         "last": [len(ids) - 1],
     }
-    for name, option in zip(("true_option", "false_option"), options):
+    located: dict[str, str] = {}
+    if options:
         try:
-            groups[name] = tokens_in_span(offsets, find_span(prompt, option, *q_span))
-        except MmflowError as err:
-            raise MmflowError(f"Option {option!r} not found in the question {question!r}") from err
+            *spans, rule = locate_options(prompt, *options, *q_span)
+        except MmflowError as err:  # no notebook flow needs the options: record why, do not fail the example
+            located.update({"true_option": f"not found ({err})", "false_option": f"not found ({err})"})
+        else:
+            for name, span in zip(("true_option", "false_option"), spans):
+                groups[name], located[name] = tokens_in_span(offsets, span), rule
     for obj in objects:
-        with contextlib.suppress(MmflowError):  # GQA object names are not always spelled out in the question
-            groups[f"object:{obj}"] = tokens_in_span(offsets, find_span(prompt, obj, *q_span, prefix=True))
+        try:
+            span, rule = locate_object(prompt, obj, *q_span)
+        except MmflowError:  # GQA object names are not always spelled out in the question
+            located[f"object:{obj}"] = "not found"
+        else:
+            groups[f"object:{obj}"], located[f"object:{obj}"] = tokens_in_span(offsets, span), rule
     inputs = {k: v.to(device) for k, v in batch.items()}
     if dtype is not None:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return Encoded(inputs=inputs, groups=groups, prompt=prompt)
+    return Encoded(inputs=inputs, groups=groups, prompt=prompt, located=located)
 
 
 def encode_example(
@@ -155,23 +215,41 @@ def encode_example(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     model: LlavaModel | None = None,
+    inputs: str = "processor",
+    config=None,
+    patches: bool | None = None,
 ) -> Encoded:
-    """:func:`encode` an :class:`~mmflow.data.Example`; with ``model`` also its ``related_patches``/``other_patches``.
+    """:func:`encode` an :class:`~mmflow.data.Example`, with its ``related_patches``/``other_patches``.
+
+    Args:
+        processor: the checkpoint's processor.
+        example: the example.
+        device: where the input tensors go.
+        dtype: dtype of the pixel values.
+        model: the model (its config for ``inputs="paper"``, its geometry for the patch groups).
+        inputs: ``"paper"`` or ``"processor"`` (see :func:`encode`).
+        config: the model's config, if ``model`` is not given.
+        patches: compute the patch groups (default: when ``model`` is given).
 
     Raises:
-        MmflowError: if the image's size is not the one the data states.
+        MmflowError: naming the example if its image is not of the size the data states, or if patch groups are
+            asked for and the data has no box columns.
     """
     image = example.image()
     if image.size != tuple(example.image_size):
-        raise MmflowError(f"Example {example.example_id}: image is {image.size}, the data says {example.image_size}")
-    encoded = encode(processor, image, example.question, example.options, example.objects, device, dtype)
-    if model is not None:
+        raise MmflowError(f"{example.where}: the image is {image.size}, the data says {example.image_size}")
+    config = config if config is not None else getattr(model, "config", None)
+    encoded = encode(
+        processor, image, example.question, example.options, example.objects, device, dtype, inputs, config
+    )
+    if patches if patches is not None else model is not None:
+        if model is None:
+            raise MmflowError("patch groups need the model (model=...)")
         if example.boxes is None:
             raise MmflowError(
                 f"{example.where}: the data has no box columns (e.g. 'central object x/y/w/h'), which the patch "
                 "groups (related/other patches) need"
             )
-        encoded.groups.update(
-            patch_groups(model, processor, encoded.groups["image"], example.image_size, example.boxes)
-        )
+        groups = patch_groups(model, processor, encoded.groups["image"], example.image_size, example.boxes, inputs)
+        encoded.groups.update(groups)
     return encoded

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
 
 from mmflow import models
+from mmflow.errors import MmflowError
 from mmflow.inputs import Encoded
 from mmflow.models import LlavaModel, decoder_layers
 
 LOWERCASE, CAPITALIZED = "lowercase", "Capitalized"
 ANSWER, FALSE_OPTION = "answer", "false option"
-#: Names of the two views of the lens, as they appear in figures and CSVs.
-WITH_NORM = "with final norm"
-WITHOUT_NORM = "without final norm (paper code)"
+#: The views of the lens, each named for what it is, as they appear in figures and CSVs.
+WITH_NORM = "with final norm"  # every layer's output through the final norm, then the LM head
+RAW = "raw residual stream (no final norm)"  # every layer's output straight into the LM head
+PAPER_VIEW = "paper's code: hidden_states (top normed)"  # the official code: embeddings, raw layers, normed top
+LENS_VIEWS = {"final_norm": WITH_NORM, "raw": RAW, "paper": PAPER_VIEW}
 
 
 def token_label(role: str, form: str) -> str:
@@ -52,30 +55,53 @@ def capture_layer_outputs(model: LlavaModel) -> Iterator[list[torch.Tensor]]:
             handle.remove()
 
 
-def logit_lens(model: LlavaModel, encoded: Encoded, tokens: Mapping[str, int], final_norm: bool = True) -> pd.DataFrame:
-    """Probability of each named token at the last position, read off the residual stream after every layer.
+def logit_lens(
+    model: LlavaModel, encoded: Encoded, tokens: Mapping[str, int], views: Sequence[str] = ("final_norm",)
+) -> pd.DataFrame:
+    """Probability of each named token at the last position, read off the residual stream layer by layer.
 
     Args:
         model: a loaded LLaVA-family model.
         encoded: the example's input.
         tokens: label -> token id (e.g. from :func:`answer_token_ids`).
-        final_norm: unembed after the final norm (default); False projects the raw residual stream.
+        views: keys of :data:`LENS_VIEWS`:
+
+            * ``"final_norm"``: each layer's output through the final norm and the LM head (the model's own
+              read-out applied early), layers 0..L-1;
+            * ``"raw"``: each layer's output straight into the LM head, layers 0..L-1;
+            * ``"paper"``: what the official code plots: transformers' ``hidden_states`` into the LM head, i.e. the
+              embeddings (layer -1), the raw outputs of layers 0..L-2, and the final-normed output of layer L-1
+              (so its top point is the model's output distribution).
 
     Returns:
-        Columns ``layer, token, token_id, prob``.
+        Columns ``view, layer, token, token_id, prob`` (``view`` holds the label of :data:`LENS_VIEWS`).
+
+    Raises:
+        MmflowError: for an unknown view.
     """
+    unknown = [v for v in views if v not in LENS_VIEWS]
+    if unknown or not views:
+        raise MmflowError(f"views must be some of {list(LENS_VIEWS)}, got {list(views)!r}")
     norm = models.final_norm(model)
     head = model.get_output_embeddings()
     rows = []
+
+    def read(view: str, layer: int, hidden: torch.Tensor) -> None:
+        probs = torch.softmax(head(hidden[:, -1])[0].float(), -1)
+        rows.extend(
+            {"view": LENS_VIEWS[view], "layer": layer, "token": name, "token_id": tid, "prob": float(probs[tid])}
+            for name, tid in tokens.items()
+        )
+
     with torch.inference_mode(), capture_layer_outputs(model) as outputs:
-        model(**encoded.inputs, use_cache=False, logits_to_keep=1)
-        for layer, hidden in enumerate(outputs):
-            h = hidden[:, -1]
-            probs = torch.softmax(head(norm(h) if final_norm else h)[0].float(), -1)
-            rows.extend(
-                {"layer": layer, "token": name, "token_id": tid, "prob": float(probs[tid])}
-                for name, tid in tokens.items()
-            )
+        out = model(**encoded.inputs, use_cache=False, logits_to_keep=1, output_hidden_states="paper" in views)
+        for view in views:
+            if view == "paper":
+                for index, hidden in enumerate(out.hidden_states):
+                    read(view, index - 1, hidden)
+            else:
+                for layer, hidden in enumerate(outputs):
+                    read(view, layer, norm(hidden) if view == "final_norm" else hidden)
     return pd.DataFrame(rows)
 
 

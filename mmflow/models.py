@@ -191,6 +191,21 @@ def check_checkpoint_folder(folder: Path) -> bool:
     return bool(safetensors)
 
 
+def _locate(name_or_path: str, local_files_only: bool | None) -> tuple[str, Path, dict[str, Any]]:
+    """(path, folder, from_pretrained options) of a model name; a local folder's config is checked first."""
+    path = resolve_model_path(name_or_path)
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise MmflowError(f"Model folder {folder} holds no config.json")
+        _read_json(folder / "config.json")  # parses, and asks for no custom code
+    elif folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
+        raise MmflowError(f"Model folder {path} not found")
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return path, folder, {"local_files_only": local_files_only, "trust_remote_code": False}
+
+
 def load_model(
     name_or_path: str = EMBEDDED_MODEL,
     device: str = "cpu",
@@ -220,17 +235,7 @@ def load_model(
     from transformers import AutoConfig, AutoProcessor
 
     torch_dtype = check_dtype_device(dtype, device)
-    path = resolve_model_path(name_or_path)
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise MmflowError(f"Model folder {folder} holds no config.json")
-        _read_json(folder / "config.json")  # parses, and asks for no custom code
-    elif folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
-        raise MmflowError(f"Model folder {path} not found")
-    if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    safe = {"local_files_only": local_files_only, "trust_remote_code": False}
+    path, folder, safe = _locate(name_or_path, local_files_only)
     try:
         config = AutoConfig.from_pretrained(path, **safe)
     except (OSError, ValueError) as err:
@@ -254,6 +259,31 @@ def load_model(
     processor = AutoProcessor.from_pretrained(path, **safe)
     decoder_layers(model)  # fail early if the language model has no layer-indexed attention
     return model, processor
+
+
+def load_processor(name_or_path: str, local_files_only: bool | None = None) -> tuple[Any, Any]:
+    """A checkpoint's config and processor, and a weightless model skeleton (on the meta device) with its
+    geometry: what ``make check-data`` needs, without loading any weight.
+
+    Returns:
+        ``(skeleton, processor)``; ``skeleton.config`` is the config.
+
+    Raises:
+        MmflowError: as :func:`load_model` does for the folder, the config and custom code.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    path, folder, safe = _locate(name_or_path, local_files_only)
+    try:
+        config = AutoConfig.from_pretrained(path, **safe)
+        processor = AutoProcessor.from_pretrained(path, **safe)
+    except (OSError, ValueError) as err:
+        raise MmflowError(f"Model '{name_or_path}': its config or processor cannot be read ({err})") from err
+    import transformers
+
+    with torch.device("meta"):
+        skeleton = getattr(transformers, family_of(config).model_class)(config)
+    return skeleton, processor
 
 
 def text_model(model: LlavaModel) -> Any:

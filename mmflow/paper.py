@@ -29,6 +29,23 @@ INSTRUCTION = "Answer the question using a single word or phrase."
 #: The LLaVA-1.5 single-turn prompt, used where a processor has no chat template.
 LLAVA15_TEMPLATE = "USER: <image>\n{question}\n" + INSTRUCTION + " ASSISTANT:"
 
+#: How inputs are built: "paper" as the official code did (its conversation templates, pad-to-square), or
+#: "processor" as the checkpoint's Hugging Face processor does (its chat template, resize and crop).
+INPUTS = ("paper", "processor")
+#: The user turn of the official code: the image, the question, a space, a newline and the instruction.
+PAPER_USER = "<image>\n{question} \n" + INSTRUCTION
+#: System prompt of the vicuna_v1 conversation (LLaVA-1.5, LLaVA-1.6-Vicuna); turns "USER: ..." and "ASSISTANT:".
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+#: System prompt of the llava_llama_3 conversation (Llama3-LLaVA-NeXT); the official code appends " \n".
+LLAMA3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
+)
+LLAMA3_SUFFIX = " \n"
+
 #: The paper's flows as (source group, target group): the target's attention to the source is blocked.
 FLOWS = {
     "Question->Last": ("question", "last"),
@@ -56,6 +73,16 @@ def llava15_prompt(question: str) -> str:
         'USER: <image>\\nIs it red?\\nAnswer the question using a single word or phrase. ASSISTANT:'
     """
     return LLAVA15_TEMPLATE.format(question=question)
+
+
+def vicuna_prompt(question: str) -> str:
+    """The official vicuna_v1 prompt for ``question`` (LLaVA-1.5, LLaVA-1.6-Vicuna).
+
+    Example:
+        >>> vicuna_prompt("Q?").startswith("A chat between"), vicuna_prompt("Q?").split("USER: ")[1]
+        (True, '<image>\\nQ? \\nAnswer the question using a single word or phrase. ASSISTANT:')
+    """
+    return f"{VICUNA_SYSTEM} USER: {PAPER_USER.format(question=question)} ASSISTANT:"
 
 
 def default_window(n_layers: int) -> int:

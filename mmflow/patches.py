@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mmflow.errors import MmflowError
-from mmflow.models import LlavaModel, pack_image_features
+from mmflow.models import LlavaModel, family_of, pack_image_features
 
 #: Labels of image tokens: the patch overlaps a box, does not, or is no patch (CLS, row-newline token).
 RELATED, OTHER, NEITHER = 1.0, 0.0, -1.0
@@ -38,6 +38,42 @@ def box_mask(size: tuple[int, int], boxes: Iterable[Sequence[float]]) -> Image.I
     return Image.fromarray(pixels)
 
 
+def mean_color(processor) -> tuple[int, ...]:
+    """The processor's mean pixel as 0-255 RGB: the colour the official LLaVA code pads images with."""
+    return tuple(int(x * 255) for x in processor.image_processor.image_mean)
+
+
+def expand2square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
+    """Pad an image to a square with ``color``, the image centred (the official LLaVA ``expand2square``).
+
+    Example:
+        >>> padded = expand2square(Image.new("RGB", (4, 2), (255, 0, 0)), (0, 0, 0))
+        >>> padded.size, padded.getpixel((0, 0)), padded.getpixel((0, 1))
+        ((4, 4), (0, 0, 0), (255, 0, 0))
+    """
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), color)
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def paper_pads(model_or_config) -> bool:
+    """True if the paper's inputs pad this model's images to a square first (single-tile families: LLaVA-1.5).
+
+    Anyres families (LLaVA-NeXT) tile the image as the processor does, which is the official anyres procedure.
+    """
+    return family_of(model_or_config).pack_image_features is None
+
+
+def model_view(image: Image.Image, processor, model_or_config, inputs: str) -> Image.Image:
+    """The image as the chosen inputs hand it to the processor: padded to a square with the mean colour for the
+    paper's single-tile inputs, unchanged otherwise."""
+    return expand2square(image, mean_color(processor)) if inputs == "paper" and paper_pads(model_or_config) else image
+
+
 def _patch_labels(tile: torch.Tensor, patch: int) -> torch.Tensor:
     """Per ViT patch (row-major) of one processed (3, H, W) mask tile: RELATED if any pixel is red."""
     red = (tile[0] - tile[1]) > 127
@@ -47,7 +83,7 @@ def _patch_labels(tile: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def image_token_labels(
-    model: LlavaModel, processor, size: tuple[int, int], boxes: Iterable[Sequence[float]]
+    model: LlavaModel, processor, size: tuple[int, int], boxes: Iterable[Sequence[float]], inputs: str = "processor"
 ) -> torch.Tensor:
     """Label of every image token of an image of ``size`` (W, H): RELATED, OTHER, or NEITHER (CLS, newline).
 
@@ -60,7 +96,7 @@ def image_token_labels(
     """
     from transformers.image_utils import PILImageResampling
 
-    mask = box_mask(size, boxes)
+    mask = model_view(box_mask(size, boxes), processor, model, inputs)  # padding is mean colour: "other"
     pixels = processor.image_processor(
         mask, resample=PILImageResampling.NEAREST, do_rescale=False, do_normalize=False, return_tensors="pt"
     )
@@ -87,6 +123,7 @@ def patch_groups(
     image_positions: Sequence[int],
     size: tuple[int, int],
     boxes: Sequence[Sequence[float]],
+    inputs: str = "processor",
 ) -> dict[str, list[int]]:
     """``related_patches`` / ``other_patches``: image-token positions whose patch overlaps any box, or none.
 
@@ -94,11 +131,12 @@ def patch_groups(
         image_positions: positions of the image tokens in the language model's sequence.
         size: the original image's (W, H).
         boxes: the question's object boxes ``(x, y, w, h)`` in original-image pixels.
+        inputs: ``"paper"`` or ``"processor"``: the geometry the image went through (see :func:`model_view`).
 
     Raises:
         MmflowError: if the processor and the model disagree on the number of image tokens.
     """
-    labels = image_token_labels(model, processor, size, boxes)
+    labels = image_token_labels(model, processor, size, boxes, inputs)
     if len(labels) != len(image_positions):
         raise MmflowError(
             f"{len(labels)} patch labels for {len(image_positions)} image tokens: processor and model disagree"
@@ -110,12 +148,13 @@ def patch_groups(
 
 
 def base_patch_grid(
-    model: LlavaModel, processor, image: Image.Image, boxes: Sequence[Sequence[float]]
+    model: LlavaModel, processor, image: Image.Image, boxes: Sequence[Sequence[float]], inputs: str = "processor"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(processed base tile as HxWx3 uint8, labels of its patch grid): what the overlays show."""
     from transformers.image_utils import PILImageResampling
 
-    labels = image_token_labels(model, processor, image.size, boxes)
+    labels = image_token_labels(model, processor, image.size, boxes, inputs)
+    image = model_view(image, processor, model, inputs)
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     grid = labels[labels != NEITHER][: side * side].view(side, side).numpy()
     pixels = processor.image_processor(

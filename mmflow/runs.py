@@ -24,13 +24,50 @@ import torch
 
 from mmflow.data import Example
 from mmflow.errors import MmflowError
-from mmflow.inputs import Encoded, encode_example
+from mmflow.inputs import Encoded, encode_example, resolve_inputs
 from mmflow.knockout import check_flows, check_window, has_empty_group, knockout_sweep
-from mmflow.lens import ANSWER, FALSE_OPTION, answer_token_ids, logit_lens, token_label
+from mmflow.lens import ANSWER, FALSE_OPTION, LENS_VIEWS, answer_token_ids, logit_lens, token_label
 from mmflow.models import EMBEDDED_MODEL, REPO_DIR, LlavaModel, load_model, num_layers
 from mmflow.paper import Flow, default_window, flow_name, flows_need_patches
 
 DEFAULT_CACHE_DIR = REPO_DIR / "results"
+#: Which examples a run analyses: the paper's filter (answered correctly), or all of them.
+KEEP = ("correct", "all")
+#: Columns of the rows of :meth:`Run.knockout` and :meth:`Run.lens` (also when no example is kept).
+KNOCKOUT_COLUMNS = (
+    "flow",
+    "layer",
+    "window_start",
+    "window_end",
+    "k",
+    "answer_token",
+    "p_base",
+    "p_new",
+    "rel_change",
+    "example_id",
+    "task",
+)
+LENS_COLUMNS = ("view", "layer", "token", "token_id", "prob", "example_id", "task")
+
+
+def check_keep(keep: str) -> None:
+    """Raise unless ``keep`` is one of :data:`KEEP`.
+
+    Raises:
+        MmflowError: naming the parameter.
+    """
+    if keep not in KEEP:
+        raise MmflowError(f"keep must be one of {list(KEEP)}, got {keep!r}")
+
+
+def _status(example: Example) -> dict[str, Any]:
+    return {
+        "example_id": example.example_id,
+        "task": example.task,
+        "question": example.question,
+        "answer": example.answer,
+        "source": example.source,
+    }
 
 
 def greedy_answer(model: LlavaModel, processor, encoded: Encoded, max_new_tokens: int = 10) -> str:
@@ -211,14 +248,26 @@ class Run:
     dtype: str = "float32"
     cache_dir: str = str(DEFAULT_CACHE_DIR)
     fingerprint: str = ""
+    inputs: str = "processor"
 
     @classmethod
     def load(
-        cls, name: str = EMBEDDED_MODEL, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None
+        cls,
+        name: str = EMBEDDED_MODEL,
+        device: str = "cpu",
+        dtype: str = "float32",
+        cache_dir: str | None = None,
+        inputs: str | None = None,
     ) -> Run:
-        """Load a model (see :func:`~mmflow.models.load_model`) and fingerprint it for the cache."""
+        """Load a model (see :func:`~mmflow.models.load_model`) and fingerprint it for the cache.
+
+        ``inputs``: ``"paper"`` or ``"processor"`` (see :func:`~mmflow.inputs.encode`); None: "paper" for real
+        checkpoints, "processor" for the embedded shapes-llava (:func:`~mmflow.inputs.resolve_inputs`).
+        """
+        mode = resolve_inputs(inputs, name)
         model, processor = load_model(name, device, dtype)
-        return cls(name, model, processor, device, dtype, cache_dir or str(DEFAULT_CACHE_DIR), model_fingerprint(model))
+        cache = cache_dir or str(DEFAULT_CACHE_DIR)
+        return cls(name, model, processor, device, dtype, cache, model_fingerprint(model), mode)
 
     @property
     def n_layers(self) -> int:
@@ -228,18 +277,26 @@ class Run:
     def encode(self, example: Example, patches: bool = False) -> Encoded:
         """Encode an example for this model (with its patch groups if ``patches``)."""
         return encode_example(
-            self.processor, example, self.device, getattr(torch, self.dtype), self.model if patches else None
+            self.processor, example, self.device, getattr(torch, self.dtype), self.model, self.inputs, patches=patches
         )
 
     def _check(self, example: Example, encoded: Encoded) -> dict[str, Any]:
         predicted = greedy_answer(self.model, self.processor, encoded)
         return {
-            "example_id": example.example_id,
-            "task": example.task,
-            "answer": example.answer,
+            **_status(example),
             "predicted": predicted.strip(),
             "correct": is_correct(predicted, example.answer),
+            "error": None,
+            "located": encoded.located,
         }
+
+    def _encode_or_record(self, example: Example, patches: bool) -> tuple[Encoded | None, dict[str, Any]]:
+        """The example's encoding and status; an example that cannot be encoded is recorded with the reason."""
+        try:
+            encoded = self.encode(example, patches)
+        except MmflowError as err:
+            return None, {**_status(example), "predicted": None, "correct": False, "error": str(err), "located": {}}
+        return encoded, self._check(example, encoded)
 
     def knockout(
         self,
@@ -248,8 +305,9 @@ class Run:
         window: int | None = None,
         engine: str = "fast",
         shard: tuple[int, int] = (0, 1),
+        keep: str = "correct",
     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Knockout sweeps over the correctly answered examples.
+        """Knockout sweeps over the correctly answered examples (or all, with ``keep="all"``).
 
         Args:
             examples: the examples (ids must be unique).
@@ -257,48 +315,70 @@ class Run:
             window: window size; None: the paper's rule for this model's depth.
             engine: knockout engine name.
             shard: ``(i, n)``: compute only shard i of n (the others may come from other processes).
+            keep: ``"correct"`` (the paper's filter) or ``"all"``.
 
         Returns:
             ``(rows, status)``: the sweep rows of the kept examples with ``example_id`` and ``task``, and one status
-            row per example (``example_id, task, answer, predicted, correct, skipped_flows``).
+            row per example (``example_id, task, question, answer, predicted, correct, error, located,
+            skipped_flows``). An example that cannot be encoded is not fatal: its ``error`` says why.
         """
         check_unique_ids(examples)
+        check_keep(keep)
         check_flows(flows)
         k = default_window(self.n_layers) if window is None else check_window(window)
         names = [flow_name(f) for f in flows]
         key = config_key(
-            kind="knockout", model=self.fingerprint, flows=names, window=k, engine=engine, dtype=self.dtype
+            kind="knockout",
+            model=self.fingerprint,
+            flows=names,
+            window=k,
+            engine=engine,
+            dtype=self.dtype,
+            inputs=self.inputs,
+            keep=keep,
         )
         patches = flows_need_patches(flows)
+        no_boxes = [e for e in examples if e.boxes is None] if patches else []
+        if no_boxes:
+            raise MmflowError(
+                f"{no_boxes[0].where} (and {len(no_boxes) - 1} more): the data has no box columns "
+                "(e.g. 'central object x/y/w/h'), which the patch flows need"
+            )
 
         def compute(example: Example) -> dict[str, Any]:
-            encoded = self.encode(example, patches)
-            status = self._check(example, encoded)
+            encoded, status = self._encode_or_record(example, patches)
+            if encoded is None:
+                return {**status, "skipped_flows": [], "rows": []}
             skipped = [name for name, f in zip(names, flows) if has_empty_group(f, encoded.groups)]
             rows = []
-            if status["correct"] and len(skipped) < len(flows):
+            if (status["correct"] or keep == "all") and len(skipped) < len(flows):
                 usable = [f for name, f in zip(names, flows) if name not in skipped]
                 sweep = knockout_sweep(self.model, encoded, usable, k, engine)
                 rows = sweep.assign(example_id=example.example_id, task=example.task).to_dict("records")
             return {**status, "skipped_flows": skipped, "rows": rows}
 
-        return self._frames(run_cached(examples, compute, self.cache_dir, key, shard, desc="knockout"))
+        return self._frames(
+            run_cached(examples, compute, self.cache_dir, key, shard, desc="knockout"), KNOCKOUT_COLUMNS
+        )
 
-    def lens(self, examples: Sequence[Example], shard: tuple[int, int] = (0, 1)) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Logit lens (with and without final norm) for the lowercase/Capitalized answer and false option.
+    def lens(
+        self, examples: Sequence[Example], shard: tuple[int, int] = (0, 1), keep: str = "correct"
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Logit lens in every view of :data:`~mmflow.lens.LENS_VIEWS` for the lowercase/Capitalized answer and
+        false option.
 
         Returns:
-            ``(rows, status)`` as in :meth:`knockout`; rows have ``layer, token, token_id, prob, final_norm``.
+            ``(rows, status)`` as in :meth:`knockout`; rows have ``view, layer, token, token_id, prob``.
         """
         check_unique_ids(examples)
-        key = config_key(kind="lens", model=self.fingerprint, dtype=self.dtype)
+        check_keep(keep)
+        key = config_key(kind="lens", model=self.fingerprint, dtype=self.dtype, inputs=self.inputs, keep=keep)
         tok = self.processor.tokenizer
 
         def compute(example: Example) -> dict[str, Any]:
-            encoded = self.encode(example)
-            status = self._check(example, encoded)
+            encoded, status = self._encode_or_record(example, False)
             rows = []
-            if status["correct"]:
+            if encoded is not None and (status["correct"] or keep == "all"):
                 tokens = {token_label(ANSWER, form): tid for form, tid in answer_token_ids(tok, example.answer).items()}
                 if example.false_option:
                     tokens.update(
@@ -307,24 +387,14 @@ class Run:
                             for form, tid in answer_token_ids(tok, example.false_option).items()
                         }
                     )
-                for final_norm in (True, False):
-                    frame = logit_lens(self.model, encoded, tokens, final_norm)
-                    rows += frame.assign(
-                        final_norm=final_norm, example_id=example.example_id, task=example.task
-                    ).to_dict("records")
+                frame = logit_lens(self.model, encoded, tokens, views=tuple(LENS_VIEWS))
+                rows = frame.assign(example_id=example.example_id, task=example.task).to_dict("records")
             return {**status, "rows": rows}
 
-        return self._frames(run_cached(examples, compute, self.cache_dir, key, shard, desc="logit lens"))
+        return self._frames(run_cached(examples, compute, self.cache_dir, key, shard, desc="logit lens"), LENS_COLUMNS)
 
     @staticmethod
-    def _frames(results: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def _frames(results: list[dict[str, Any]], columns: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
         status = pd.DataFrame([{k: v for k, v in r.items() if k not in ("rows", "example_digest")} for r in results])
-        rows = pd.DataFrame([row for r in results for row in r["rows"]])
-        return rows, status
-
-
-def accuracy_table(status: pd.DataFrame) -> pd.DataFrame:
-    """Per task: examples, correctly answered (kept), accuracy."""
-    table = status.groupby("task").correct.agg(examples="size", kept="sum")
-    table["accuracy"] = table.kept / table.examples
-    return table
+        rows = [row for r in results for row in r["rows"]]
+        return (pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(columns))), status

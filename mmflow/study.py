@@ -22,17 +22,20 @@ from mmflow.data import EMBEDDED_DATA, Example, load_examples
 from mmflow.engines import ENGINES
 from mmflow.errors import MmflowError
 from mmflow.figures import record_provenance, save_figure, stable_table
-from mmflow.inputs import Encoded
+from mmflow.inputs import Encoded, resolve_inputs
 from mmflow.knockout import check_window
 from mmflow.models import LlavaModel, check_dtype_device
 from mmflow.paper import TASKS, Flow, default_window
-from mmflow.runs import Run, accuracy_table
+from mmflow.runs import Run, check_keep
+from mmflow.tables import example_table, wrong_answers
 
 #: Questions per task in a smoke run (the tests' quick pass through every notebook).
 SMOKE_PER_TASK = 2
 
 
-def _check_params(tasks: Sequence[str], n_per_task: Any, window: Any, engine: str, dtype: str, device: str) -> None:
+def _check_params(
+    tasks: Sequence[str], n_per_task: Any, window: Any, engine: str, dtype: str, device: str, keep: str
+) -> None:
     if isinstance(tasks, str) or not tasks or any(t not in TASKS for t in tasks):
         raise MmflowError(f"tasks must be a non-empty list of {list(TASKS)}, got {tasks!r}")
     if n_per_task is not None and (isinstance(n_per_task, bool) or not isinstance(n_per_task, int) or n_per_task < 1):
@@ -44,6 +47,7 @@ def _check_params(tasks: Sequence[str], n_per_task: Any, window: Any, engine: st
     if engine not in ENGINES:
         raise MmflowError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     check_dtype_device(dtype, device)
+    check_keep(keep)
 
 
 @dataclass
@@ -56,6 +60,8 @@ class Study:
     engine: str
     out_dir: Path
     data: str
+    tasks: list[str]
+    keep: str = "correct"
     status: pd.DataFrame | None = None
 
     @classmethod
@@ -73,6 +79,8 @@ class Study:
         out_dir: str = "../figures",
         cache_dir: str = "../results",
         smoke: bool = False,
+        inputs: str | None = None,
+        keep: str = "correct",
     ) -> Study:
         """Load the model and the examples named by a notebook's parameters.
 
@@ -89,15 +97,19 @@ class Study:
             out_dir: where figures are written.
             cache_dir: the results cache.
             smoke: a tiny run (2 questions per task) for tests.
+            inputs: ``"paper"`` (the official prompt and pad-to-square) or ``"processor"``; None: paper for real
+                checkpoints, processor for the embedded shapes-llava.
+            keep: ``"correct"`` (the paper's filter: analyse correctly answered examples) or ``"all"``.
 
         Raises:
             MmflowError: naming the first bad parameter.
         """
-        _check_params(tasks, n_per_task, window, engine, dtype, device)
-        run = Run.load(model, device=device, dtype=dtype, cache_dir=cache_dir)
+        _check_params(tasks, n_per_task, window, engine, dtype, device, keep)
+        resolve_inputs(inputs, model)  # a bad value fails before the model loads
+        run = Run.load(model, device=device, dtype=dtype, cache_dir=cache_dir, inputs=inputs)
         examples = load_examples(data, images or None, tasks, SMOKE_PER_TASK if smoke else n_per_task)
         k = default_window(run.n_layers) if window is None else window
-        return cls(run, examples, k, engine, Path(out_dir), data)
+        return cls(run, examples, k, engine, Path(out_dir), data, list(tasks), keep)
 
     @property
     def model(self) -> LlavaModel:
@@ -127,26 +139,34 @@ class Study:
         """An example's input and token groups (with patch groups by default)."""
         return self.run.encode(example, patches)
 
-    def _kept(self, rows: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame:
-        from IPython.display import display
+    def _account(self, rows: pd.DataFrame, status: pd.DataFrame, name: str) -> pd.DataFrame:
+        """Show and save (``out_dir/<name>_examples.csv``) what happened to every example; name empty tasks."""
+        from IPython.display import Markdown, display
 
         self.status = status
-        display(accuracy_table(status).style.format({"accuracy": "{:.2f}"}))
+        table = example_table(status, rows, self.tasks)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        table.to_csv(self.out_dir / f"{name}_examples.csv", index=False)
+        display(table)
+        wrong = wrong_answers(status)
+        if len(wrong):
+            display(Markdown(f"Examples not kept ({(~status.correct.astype(bool)).sum()}; the first {len(wrong)}):"))
+            display(wrong)
+        empty = table.task[table.kept == 0].tolist()
         if rows.empty:
-            raise MmflowError("No correctly answered examples: nothing to analyse (see the accuracy table)")
+            display(Markdown(f"**No kept examples** (keep={self.keep!r}): nothing to plot; the figure says so."))
+        elif empty:
+            display(Markdown(f"**No kept examples** for {', '.join(empty)}: their panels say so."))
         return rows
 
-    def knockout(self, flows: Sequence[Flow]) -> pd.DataFrame:
-        """Knockout sweeps over the correctly answered examples (cached); shows the accuracy table.
+    def knockout(self, flows: Sequence[Flow], name: str) -> pd.DataFrame:
+        """Knockout sweeps over the kept examples (cached); shows and saves the per-task table as
+        ``<name>_examples.csv``. An empty result is shown, not raised, so the notebook still writes its figure."""
+        return self._account(*self.run.knockout(self.examples, flows, self.k, self.engine, keep=self.keep), name)
 
-        Raises:
-            MmflowError: if no example was answered correctly.
-        """
-        return self._kept(*self.run.knockout(self.examples, flows, self.k, self.engine))
-
-    def lens(self) -> pd.DataFrame:
-        """Logit-lens rows of the correctly answered examples (cached); shows the accuracy table."""
-        return self._kept(*self.run.lens(self.examples))
+    def lens(self, name: str) -> pd.DataFrame:
+        """Logit-lens rows of the kept examples (cached); shows and saves the per-task table (see :meth:`knockout`)."""
+        return self._account(*self.run.lens(self.examples, keep=self.keep), name)
 
     def stable(self, table: pd.DataFrame, name: str) -> pd.DataFrame:
         """The figure data already saved as ``name`` if this run agrees with it within the stated tolerance, else
@@ -158,9 +178,17 @@ class Study:
         import matplotlib.pyplot as plt
 
         paths = save_figure(fig, data, self.out_dir, name)
-        tasks = list(dict.fromkeys(e.task for e in self.examples))
         record_provenance(
-            self.out_dir, name, model=self.run.name, data=self.data, examples=len(self.examples), tasks=tasks, k=self.k
+            self.out_dir,
+            name,
+            model=self.run.name,
+            data=self.data,
+            examples=len(self.examples),
+            tasks=self.tasks,
+            k=self.k,
+            n_layers=self.n_layers,
+            inputs=self.run.inputs,
+            keep=self.keep,
         )
         plt.show()
         return paths

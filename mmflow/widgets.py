@@ -75,7 +75,7 @@ class KnockoutExplorer:
         import matplotlib.pyplot as plt
 
         fig, (ax_img, ax_curve) = plt.subplots(1, 2, figsize=(9, 3.4))
-        plot_patch_overlay(self.run.model, self.run.processor, example, ax_img)
+        plot_patch_overlay(self.run.model, self.run.processor, example, ax_img, self.run.inputs)
         ax_curve.plot(self.result["layer"], self.result["rel_change"], marker="o")
         ax_curve.axhline(0, color="grey", lw=0.6)
         ax_curve.set(xlabel="centre layer", ylabel=YLABEL_CHANGE, title=f"{self.flow.value}, k={self.window.value}")

@@ -146,9 +146,10 @@ def test_gqa_errors_name_the_culprit(gqa):
     write_csv(path, rows[0], [rows[1][:5]])
     with pytest.raises(mu.MmflowError, match="ChooseAttr.csv line 2: wrong number of fields"):
         mu.load_gqa(csvs, images, ["ChooseAttr"])
-    (images / "img1.jpg").unlink()
-    with pytest.raises(mu.MmflowError, match="ChooseRel.csv line 2: image .*img1.jpg not found"):
-        mu.load_gqa(csvs, images, ["ChooseRel"])
+    (images / "img1.jpg").unlink()  # a missing image is the example's problem, named when it is encoded
+    (example,) = mu.load_gqa(csvs, images, ["ChooseRel"])
+    with pytest.raises(mu.MmflowError, match="ChooseRel.csv line 2, question_id 201 not found: .*img1.jpg"):
+        example.image()
     with pytest.raises(mu.MmflowError, match="Unknown task"):
         mu.load_examples(str(csvs), str(images), tasks=["CountObj"])
     with pytest.raises(mu.MmflowError, match="one file '\\*_QueryAttr.csv'"):
@@ -202,7 +203,7 @@ def test_correctness_filter_and_resume(run, monkeypatch):
     # resume: only the missing example is recomputed, and the results are identical
     files = sorted(Path(run.cache_dir).rglob("*.json"))
     assert len(files) == 4
-    files[1].unlink()
+    next(f for f in files if f.stem == examples[1].digest()).unlink()  # a kept example's result
     calls = []
     original = mmflow.runs.knockout_sweep
     monkeypatch.setattr(mmflow.runs, "knockout_sweep", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -243,7 +244,7 @@ def test_lens_run_rows(run):
         "false option (lowercase)",
         "false option (Capitalized)",
     }
-    assert set(rows.final_norm) == {True, False}
+    assert set(rows.view) == set(mu.LENS_VIEWS.values())
     assert json.loads(json.dumps(rows.prob.tolist()))  # plain floats, JSON-cacheable
 
 

@@ -83,12 +83,53 @@ def test_chat_template_prompt_and_question_not_found(tiny_dirs):
         mu.encode(processor, Image.new("RGB", (20, 20)), "Is it red?")
 
 
-def test_encode_rejects_non_images_and_missing_options(loaded):
+def test_encode_rejects_non_images_and_records_missing_options(loaded):
     _, processor = loaded("llava")
     with pytest.raises(mu.MmflowError, match="Expected a PIL image, got ndarray"):
         mu.encode(processor, np.zeros((20, 20, 3)), "Is it red?")
-    with pytest.raises(mu.MmflowError, match="Option 'green' not found"):
-        mu.encode(processor, Image.new("RGB", (20, 20)), "Is it red or blue?", options=("green", "blue"))
+    enc = mu.encode(processor, Image.new("RGB", (20, 20)), "Is it red or blue?", options=("green", "blue"))
+    assert "true_option" not in enc.groups and enc.located["true_option"].startswith("not found")
+
+
+@pytest.mark.parametrize(
+    "question,options,objects,expected",
+    [
+        ("Is the red car red or blue?", ("red", "blue"), ["car"], {"true_option": "red", "false_option": "blue"}),
+        (
+            "Is the table to the left of the chair, a table or a chair?",
+            ("table", "chair"),
+            [],
+            {"true_option": "table", "false_option": "chair"},
+        ),
+        (
+            "Is it a telephone or a laptop?",
+            ("phone", "laptop"),
+            [],
+            {"true_option": "telephone", "false_option": "laptop"},
+        ),
+        (
+            "Is the carpet to the left or to the right of the car?",
+            ("right", "left"),
+            ["car"],
+            {"true_option": "right", "false_option": "left", "object:car": "car"},
+        ),
+        ("Is the skateboarder to the left of the skateboard?", (), ["skateboard"], {"object:skateboard": "skateboard"}),
+        ("Are there both men and women?", (), ["man", "woman"], {"object:man": "men", "object:woman": "women"}),
+    ],
+)
+def test_option_and_object_groups_hold_the_right_words(loaded, question, options, objects, expected):
+    """The tokens of each group decode to the intended word: the "X or Y" slot, the exact object word first."""
+    _, processor = loaded("llava_sp")
+    enc = mu.encode(processor, Image.new("RGB", (20, 20)), question, options=options, objects=objects)
+    ids = enc.inputs["input_ids"][0]
+    for group, word in expected.items():
+        text = processor.tokenizer.decode(ids[enc.groups[group]]).strip()
+        assert text == word, (group, text)
+    if options:  # one option right before the question's last "or", the other after it
+        question = enc.groups["question"]
+        or_at = max(i for i in question if processor.tokenizer.decode(ids[i : i + 1]).strip() == "or")
+        first, second = sorted([enc.groups["true_option"][0], enc.groups["false_option"][0]])
+        assert first == or_at - 1 and second > or_at
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,14 +230,22 @@ def _check(labels, image_pos_count, strict, loose):
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("name,transform", [("llava", crop_transform), ("llava_pad", pad_transform)])
-def test_llava_patch_groups_match_geometry(loaded, size, name, transform):
+@pytest.mark.parametrize(
+    "name,transform,inputs",
+    [
+        ("llava", crop_transform, "processor"),
+        ("llava_pad", pad_transform, "processor"),
+        ("llava", pad_transform, "paper"),
+    ],
+)
+def test_llava_patch_groups_match_geometry(loaded, size, name, transform, inputs):
+    """Crop processors crop; the pad processor and the paper's inputs (on a crop processor) pad to a square."""
     model, processor = loaded(name)
     W, H = size
     discriminating = 0
     for boxes in box_cases(W, H):
         strict, loose = expected_llava(W, H, boxes, transform)
-        labels = mu.image_token_labels(model, processor, size, boxes).tolist()
+        labels = mu.image_token_labels(model, processor, size, boxes, inputs).tolist()
         discriminating += _check(labels, (tiny.IMAGE // tiny.PATCH) ** 2, strict, loose)
     assert discriminating >= 1
 

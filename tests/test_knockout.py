@@ -171,18 +171,34 @@ def test_sweeps_are_repeatable_and_leave_no_graph(loaded):
 
 
 @pytest.mark.parametrize("name", ["llava", "llava_next"])
-def test_logit_lens_top_layer_is_the_output(loaded, name):
+def test_logit_lens_views(loaded, name):
+    """final_norm: normed layer outputs (the top one is the output); raw: un-normed; paper: hidden_states as the
+    official code reads them (embeddings at -1, raw layers, normed top), checked against the model's own outputs."""
     model, processor = loaded(name)
     enc = encoded_example(model, processor)
     with torch.inference_mode():
-        probs = model(**enc.inputs).logits[0, -1].softmax(-1)
+        out = model(**enc.inputs, output_hidden_states=True)
+    probs = out.logits[0, -1].softmax(-1)
     tokens = {"top": int(probs.argmax()), "other": 7}
-    lens = mu.logit_lens(model, enc, tokens)
-    assert sorted(lens.layer.unique()) == list(range(mu.num_layers(model)))
-    top = lens[lens.layer == lens.layer.max()].set_index("token").prob
-    assert abs(top["top"] - probs[tokens["top"]].item()) < 1e-6 and abs(top["other"] - probs[7].item()) < 1e-6
-    raw = mu.logit_lens(model, enc, tokens, final_norm=False)
-    assert (raw.prob - lens.prob).abs().max() > 1e-4  # the switch changes the lower layers
+    lens = mu.logit_lens(model, enc, tokens, views=tuple(mu.LENS_VIEWS))
+    n = mu.num_layers(model)
+    view = {label: part.pivot(index="layer", columns="token", values="prob") for label, part in lens.groupby("view")}
+    assert list(view[mu.WITH_NORM].index) == list(range(n)) == list(view[mu.RAW].index)
+    assert list(view[mu.PAPER_VIEW].index) == list(range(-1, n))
+    for label in (mu.WITH_NORM, mu.PAPER_VIEW):  # both end at the model's output distribution
+        assert abs(view[label].loc[n - 1, "top"] - probs[tokens["top"]].item()) < 1e-6
+    head, norm = model.get_output_embeddings(), mu.text_model(model).norm
+    with torch.inference_mode():
+        for layer in range(-1, n - 1):  # hidden_states[layer + 1] is the raw output of `layer` (-1: embeddings)
+            h = out.hidden_states[layer + 1][:, -1]
+            raw, normed = head(h)[0].softmax(-1), head(norm(h))[0].softmax(-1)
+            assert abs(view[mu.PAPER_VIEW].loc[layer, "other"] - raw[7].item()) < 1e-6
+            if layer >= 0:
+                assert abs(view[mu.RAW].loc[layer, "other"] - raw[7].item()) < 1e-6
+                assert abs(view[mu.WITH_NORM].loc[layer, "other"] - normed[7].item()) < 1e-6
+    assert (view[mu.RAW] - view[mu.WITH_NORM]).abs().max().max() > 1e-4
+    with pytest.raises(mu.MmflowError, match="views must be some of"):
+        mu.logit_lens(model, enc, tokens, views=["logits"])
 
 
 def test_answer_token_ids_on_real_tokenizers(loaded):

@@ -140,7 +140,10 @@ def test_make_passes_each_notebook_its_own_parameters_with_absolute_paths(tmp_pa
     declared = list(pm.inspect_notebook(NOTEBOOKS / "1_to_last_flow.ipynb"))
     params = notebook_parameters(argparse.Namespace(**given), declared)
     assert params["model"] == str(tmp_path / "my-llava") and params["data"] == str(tmp_path / "gqa")
-    assert params["out_dir"] == str(tmp_path / "figs") and params["n_per_task"] is None and "engine" not in params
+    assert params["out_dir"] == str(tmp_path / "figs") and "engine" not in params
+    assert "n_per_task" not in params and "images" not in params  # empty: the notebook's default (None, "")
+    zero = notebook_parameters(argparse.Namespace(**{**given, "n_per_task": "0"}), declared)
+    assert zero["n_per_task"] is None
     overview = notebook_parameters(
         argparse.Namespace(**given), list(pm.inspect_notebook(NOTEBOOKS / "5_overview.ipynb"))
     )

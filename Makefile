@@ -23,7 +23,7 @@ OVERVIEW  := $(filter %_overview.ipynb,$(RUNS))
 ANALYSES  := $(filter-out $(OVERVIEW),$(RUNS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format reproduce check-data bench toy-model toy-eval clean FORCE
+.PHONY: help venv test lint format lab reproduce check-data bench toy-model toy-eval clean FORCE
 
 help: ## list the targets
 	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=... INPUTS=... KEEP=...]"
@@ -47,6 +47,11 @@ lint: $(STAMP) ## ruff on the code and the notebooks
 
 format: $(STAMP) ## ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
+
+PORT ?= 8888
+lab: $(STAMP) ## JupyterLab on the notebooks (127.0.0.1, the mmflow kernel, widgets); open the URL it prints
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) --ServerApp.open_browser=False \
+	  --ServerApp.root_dir=notebooks --FileContentsManager.pre_save_hook=mmflow.lab.strip_outputs
 
 reproduce: $(RUNS) ## run every notebook headlessly -> OUT/*.png|pdf|csv, executed copies in notebooks/executed/
 

@@ -70,7 +70,7 @@ from mmflow.patches import NEITHER, OTHER, RELATED, image_token_labels, patch_gr
 from mmflow.runs import KEEP, Run, greedy_answer, merge_cached, shard_of
 from mmflow.study import Study
 from mmflow.tables import accuracy_table, example_table, wrong_answers
-from mmflow.widgets import KnockoutExplorer
+from mmflow.widgets import KnockoutExplorer, LensExplorer
 
 # fmt: off
 __all__ = [
@@ -94,6 +94,6 @@ __all__ = [
     "FIG_CASING_PER_TASK", "FIG_OVERVIEW", "NOTEBOOK_FIGURES", "curve_table", "plot_curves", "save_figure",
     "largest_drop", "mean_over_tasks", "describe_curves", "plot_patch_overlay", "record_provenance", "read_manifest",
     "check_provenance", "findings", "Verdict",
-    "verdict_table", "verdict_markdown", "Study", "KnockoutExplorer",
+    "verdict_table", "verdict_markdown", "Study", "KnockoutExplorer", "LensExplorer",
 ]
 # fmt: on

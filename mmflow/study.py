@@ -198,3 +198,9 @@ class Study:
         from mmflow.widgets import KnockoutExplorer
 
         KnockoutExplorer(self.run, self.examples, list(flows), self.k).show()
+
+    def explore_lens(self) -> None:
+        """The logit-lens explorer (a static figure when run headless)."""
+        from mmflow.widgets import LensExplorer
+
+        LensExplorer(self.run, self.examples).show()

@@ -1,8 +1,13 @@
-"""Widgets: explore layer windows on the fly with the fast engine; a static figure under papermill."""
+"""Widgets: explore layer windows (knockout) and layers (logit lens) on the fly; a static figure under papermill.
+
+Sliders update on release (``continuous_update=False``), so the figure always shows the slider's current setting;
+a status line says "computing..." while a setting runs and what the figure shows once it is drawn.
+"""
 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +16,12 @@ import pandas as pd
 from mmflow.data import Example
 from mmflow.figures import YLABEL_CHANGE, plot_patch_overlay
 from mmflow.knockout import knockout_sweep
+from mmflow.lens import ANSWER, FALSE_OPTION, LENS_VIEWS, WITH_NORM, answer_token_ids, logit_lens, token_label
+from mmflow.paper import window_layers
 from mmflow.runs import Run
+
+#: The y axis of a knockout curve spans at least this many percentage points, so noise is not magnified.
+MIN_SPAN_PP = 2.0
 
 
 def interactive_frontend() -> bool:
@@ -19,35 +29,31 @@ def interactive_frontend() -> bool:
     return any(name in os.environ for name in ("JPY_SESSION_NAME", "VSCODE_PID"))
 
 
-class KnockoutExplorer:
-    """An ipywidgets panel: window size, layer range, flow, task and example pickers, re-running the fast
-    knockout for the chosen setting and redrawing the curve and the example's patch groups.
+def _at_least(ax: Any, low: float, high: float, span: float) -> None:
+    """Widen the y axis to at least ``span`` around the data, without an offset that magnifies noise."""
+    if high - low < span:
+        middle = (high + low) / 2
+        ax.set_ylim(middle - span / 2, middle + span / 2)
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
 
-    Example::
 
-        KnockoutExplorer(run, examples, ["Question->Last"], window=3).show()
-    """
+class _Explorer:
+    """Task and example pickers, the full question, a status line and an output area; subclasses add controls
+    and implement :meth:`compute` and :meth:`draw`."""
 
-    def __init__(self, run: Run, examples: Sequence[Example], flows: Sequence[str], window: int):
+    def __init__(self, run: Run, examples: Sequence[Example]):
         import ipywidgets as widgets
 
         self.run, self.examples = run, list(examples)
-        n_layers = run.n_layers
         tasks = list(dict.fromkeys(e.task for e in self.examples))
-        self.window = widgets.IntSlider(value=window, min=1, max=n_layers, description="window k")
-        self.layers = widgets.IntRangeSlider(value=(0, n_layers - 1), min=0, max=n_layers - 1, description="centres")
-        self.flow = widgets.Dropdown(options=list(flows), value=flows[0], description="flow")
         self.task = widgets.Dropdown(options=tasks, value=tasks[0], description="task")
-        self.example = widgets.Dropdown(description="example")
+        self.example = widgets.Dropdown(description="example", layout=widgets.Layout(width="420px"))
+        self.question = widgets.HTML()
+        self.status = widgets.HTML()
         self.output = widgets.Output()
         self.result: pd.DataFrame | None = None
         self._sync_examples()
         self.task.observe(lambda _: self._sync_examples(), names="value")
-        for control in (self.window, self.layers, self.flow, self.example):
-            control.observe(lambda _: self.update(), names="value")
-        self.panel = widgets.VBox(
-            [widgets.HBox([self.window, self.layers]), widgets.HBox([self.flow, self.task, self.example]), self.output]
-        )
 
     def _sync_examples(self) -> None:
         options = [
@@ -56,32 +62,28 @@ class KnockoutExplorer:
         self.example.options = options
         self.example.value = options[0][1]
 
+    def _watch(self, *controls: Any) -> None:
+        for control in controls:
+            control.observe(lambda _: self.update(), names="value")
+
+    @property
+    def current(self) -> Example:
+        """The example picked."""
+        return self.examples[self.example.value]
+
     def update(self) -> pd.DataFrame:
-        """Re-run the knockout for the current setting and redraw; returns the sweep's rows."""
-        example = self.examples[self.example.value]
-        encoded = self.run.encode(example, patches=True)
-        lo, hi = self.layers.value
-        sweep = knockout_sweep(
-            self.run.model, encoded, [self.flow.value], self.window.value, "fast", layers=range(lo, hi + 1)
+        """Compute the current setting and redraw; returns its rows."""
+        example = self.current
+        self.question.value = (
+            f"<b>{example.task}</b> {example.example_id}: {example.question} (answer: {example.answer})"
         )
-        self.result = sweep.assign(example_id=example.example_id, task=example.task)
+        self.status.value = "<i>computing...</i>"
+        self.result = self.compute(example)
         self.output.clear_output(wait=True)
         with self.output:
-            self.figure(example)
+            self.draw(example)
+        self.status.value = f"<b>{self.title(example)}</b>: {self.describe()}"
         return self.result
-
-    def figure(self, example: Example) -> Any:
-        """The current setting's figure: the example's patch groups and the knockout curve."""
-        import matplotlib.pyplot as plt
-
-        fig, (ax_img, ax_curve) = plt.subplots(1, 2, figsize=(9, 3.4))
-        plot_patch_overlay(self.run.model, self.run.processor, example, ax_img, self.run.inputs)
-        ax_curve.plot(self.result["layer"], self.result["rel_change"], marker="o")
-        ax_curve.axhline(0, color="grey", lw=0.6)
-        ax_curve.set(xlabel="centre layer", ylabel=YLABEL_CHANGE, title=f"{self.flow.value}, k={self.window.value}")
-        fig.tight_layout()
-        plt.show()
-        return fig
 
     def show(self) -> None:
         """Display the panel in a live frontend; headless (papermill, nbconvert) show the first setting statically."""
@@ -92,4 +94,161 @@ class KnockoutExplorer:
             self.update()
         else:
             self.update()
-            self.figure(self.examples[self.example.value])
+            self.draw(self.current)
+
+    def compute(self, example: Example) -> pd.DataFrame:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def draw(self, example: Example) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def title(self, example: Example) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class KnockoutExplorer(_Explorer):
+    """Window size (odd, so each window has a centre), centre layers, flow, task and example; re-runs the fast
+    knockout for the setting and draws the example's patch groups beside the curve.
+
+    Example::
+
+        KnockoutExplorer(run, examples, ["Question->Last"], window=3).show()
+    """
+
+    def __init__(self, run: Run, examples: Sequence[Example], flows: Sequence[str], window: int):
+        import ipywidgets as widgets
+
+        super().__init__(run, examples)
+        n_layers = run.n_layers
+        top = n_layers if n_layers % 2 else n_layers - 1
+        odd = window if window % 2 else window + 1
+        self.window = widgets.IntSlider(
+            value=min(odd, top), min=1, max=top, step=2, description="window k", continuous_update=False
+        )
+        self.layers = widgets.IntRangeSlider(
+            value=(0, n_layers - 1), min=0, max=n_layers - 1, description="centres", continuous_update=False
+        )
+        self.flow = widgets.Dropdown(options=list(flows), value=flows[0], description="flow")
+        self._watch(self.window, self.layers, self.flow, self.example)
+        self.panel = widgets.VBox(
+            [
+                widgets.HBox([self.window, self.layers, self.flow]),
+                widgets.HBox([self.task, self.example]),
+                self.question,
+                self.status,
+                self.output,
+            ]
+        )
+
+    def compute(self, example: Example) -> pd.DataFrame:
+        """The fast engine's sweep for the current setting."""
+        encoded = self.run.encode(example, patches=True)
+        lo, hi = self.layers.value
+        sweep = knockout_sweep(
+            self.run.model, encoded, [self.flow.value], self.window.value, "fast", layers=range(lo, hi + 1)
+        )
+        return sweep.assign(example_id=example.example_id, task=example.task)
+
+    def title(self, example: Example) -> str:
+        """The curve's title: task, example, flow and window."""
+        return f"{example.task} {example.example_id}: {self.flow.value}, k={self.window.value}"
+
+    def describe(self) -> str:
+        """What the figure shows: the window's extent around a centre layer."""
+        k, n = self.window.value, self.run.n_layers
+        window = window_layers(n // 2, k, n)
+        return (
+            f"k={k}: the centre layer l and {k // 2} layer(s) on each side (at l={n // 2}: layers "
+            f"{window.start}-{window.stop - 1}), truncated at the model's first and last layers"
+        )
+
+    def draw(self, example: Example) -> Any:
+        """The example's patch groups and the knockout curve of the current setting."""
+        import matplotlib.pyplot as plt
+
+        fig, (ax_img, ax_curve) = plt.subplots(1, 2, figsize=(10, 3.6))
+        plot_patch_overlay(self.run.model, self.run.processor, example, ax_img, self.run.inputs)
+        ax_curve.plot(self.result["layer"], self.result["rel_change"], marker="o")
+        ax_curve.axhline(0, color="grey", lw=0.6)
+        _at_least(
+            ax_curve,
+            float(min(self.result["rel_change"].min(), 0)),
+            float(max(self.result["rel_change"].max(), 0)),
+            MIN_SPAN_PP,
+        )
+        ax_curve.set(xlabel="centre layer", ylabel=YLABEL_CHANGE)
+        ax_curve.set_title(textwrap.fill(self.title(example), 60), fontsize=9)
+        fig.tight_layout()
+        plt.show()
+        return fig
+
+
+class LensExplorer(_Explorer):
+    """Logit lens of one example: the view (final norm, raw, the paper's code), the layer range, task and example;
+    draws the probability of the lowercase and Capitalized answer (and false option) per layer.
+
+    Example::
+
+        LensExplorer(run, examples).show()
+    """
+
+    def __init__(self, run: Run, examples: Sequence[Example]):
+        import ipywidgets as widgets
+
+        super().__init__(run, examples)
+        n_layers = run.n_layers
+        self.view = widgets.Dropdown(
+            options=[(label, key) for key, label in LENS_VIEWS.items()],
+            value="final_norm",
+            description="view",
+            layout=widgets.Layout(width="420px"),
+        )
+        self.layers = widgets.IntRangeSlider(
+            value=(-1, n_layers - 1), min=-1, max=n_layers - 1, description="layers", continuous_update=False
+        )
+        self._watch(self.view, self.layers, self.example)
+        self.panel = widgets.VBox(
+            [
+                widgets.HBox([self.view, self.layers]),
+                widgets.HBox([self.task, self.example]),
+                self.question,
+                self.status,
+                self.output,
+            ]
+        )
+
+    def compute(self, example: Example) -> pd.DataFrame:
+        """The lens rows of the current view, within the layer range."""
+        tok = self.run.processor.tokenizer
+        tokens = {token_label(ANSWER, form): tid for form, tid in answer_token_ids(tok, example.answer).items()}
+        if example.false_option:
+            tokens |= {token_label(FALSE_OPTION, f): t for f, t in answer_token_ids(tok, example.false_option).items()}
+        rows = logit_lens(self.run.model, self.run.encode(example), tokens, views=[self.view.value])
+        lo, hi = self.layers.value
+        return rows[(rows.layer >= lo) & (rows.layer <= hi)].assign(example_id=example.example_id, task=example.task)
+
+    def title(self, example: Example) -> str:
+        """The figure's title: task, example and view."""
+        return f"{example.task} {example.example_id}: {LENS_VIEWS[self.view.value]}"
+
+    def describe(self) -> str:
+        """What the figure shows."""
+        note = "" if self.view.value == "final_norm" else f" (the verdict uses '{WITH_NORM}')"
+        return f"{LENS_VIEWS[self.view.value]}, layers {self.layers.value[0]}..{self.layers.value[1]}{note}"
+
+    def draw(self, example: Example) -> Any:
+        """Probability per layer of each tracked token."""
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        for token, curve in self.result.groupby("token", sort=False):
+            ax.plot(curve["layer"], curve["prob"], marker=".", label=token)
+        ax.set(xlabel="layer (-1: embeddings)", ylabel="probability", ylim=(0, 1))
+        ax.set_title(textwrap.fill(self.title(example), 70), fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        plt.show()
+        return fig

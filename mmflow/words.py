@@ -37,10 +37,13 @@ IRREGULAR_PLURALS = {
     "pants": "pants",
     "shorts": "shorts",
 }
-#: Words that may stand between "or" and the second option ("left or to the right").
-_SLOT_FILLERS = r"(?:(?:to|the|a|an|on|in|at|of)\s+){0,3}"
+#: Words that may stand between "or" and the second option ("left or to the right", "dry or maybe wet", "short or
+#: is it tall").
+_SLOT_FILLERS = r"(?:(?:to|the|a|an|on|in|at|of|maybe|is|are|was|were|it|they|that|this|these|those)\s+){0,3}"
 
 Span = tuple[int, int]
+#: The slot rules, strictest first: (options may be sub-words, options may head a longer phrase, rule name).
+SLOT_RULES = ((False, False, "or-slot"), (True, False, "or-slot (sub-word)"), (False, True, "or-slot (phrase)"))
 
 
 def find_span(text: str, phrase: str, start: int = 0, end: int | None = None, prefix: bool = False) -> Span:
@@ -73,10 +76,11 @@ def locate_options(
 ) -> tuple[Span, Span, str]:
     """The spans of two options where the question offers them: the "X or Y" slot, in either order.
 
-    An option that is a sub-word of the question's word ("phone" in "telephone") is matched inside that word.
+    An option that is a sub-word of the question's word ("phone" in "telephone") is matched inside that word, and
+    one that heads a longer phrase ("the cap of man or the dress", "the vest or the man hat") within it.
 
     Returns:
-        ``(span of first, span of second, rule)``, rule ``"or-slot"`` or ``"or-slot (sub-word)"``.
+        ``(span of first, span of second, rule)``, rule one of :data:`SLOT_RULES`.
 
     Raises:
         MmflowError: if the question has no such slot.
@@ -91,17 +95,25 @@ def locate_options(
         ['right', 'left']
         >>> locate_options("Is it a telephone or a laptop?", "phone", "laptop")[2]
         'or-slot (sub-word)'
+        >>> text = "Is the fence short or is it tall?"
+        >>> [text[slice(*s)] for s in locate_options(text, "tall", "short")[:2]]
+        ['tall', 'short']
+        >>> text = "Which type of clothing is made of leather, the vest or the man hat?"
+        >>> [text[slice(*s)] for s in locate_options(text, "vest", "hat")[:2]], locate_options(text, "vest", "hat")[2]
+        (['vest', 'hat'], 'or-slot (phrase)')
     """
     end = len(text) if end is None else end
-    for sub_word in (False, True):
+    for sub_word, phrase, rule in SLOT_RULES:
+        extra = r"(?:\s+\w+){0,2}" if phrase else ""  # "the cap of man or the dress", "the vest or the man hat"
+        before = r"(?:\w+\s+){0,2}" if phrase else ""
         for a, b, swap in ((first, second, False), (second, first, True)):
-            pattern = rf"({_word(a, sub_word)})[ ,]*\bor\s+{_SLOT_FILLERS}({_word(b, sub_word)})"
+            pattern = rf"({_word(a, sub_word)}){extra}[ ,]*\bor\s+{_SLOT_FILLERS}{before}({_word(b, sub_word)})"
             matches = list(re.finditer(pattern, text[:end], re.IGNORECASE))
             matches = [m for m in matches if m.start() >= start]
             if matches:
                 m = matches[-1]  # the slot is the last "X or Y" in the question
                 spans = (m.span(2), m.span(1)) if swap else (m.span(1), m.span(2))
-                return spans[0], spans[1], "or-slot (sub-word)" if sub_word else "or-slot"
+                return spans[0], spans[1], rule
     raise MmflowError(f"options {first!r} / {second!r} not found as 'X or Y' in {text[start:end]!r}")
 
 

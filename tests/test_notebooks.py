@@ -112,8 +112,28 @@ def test_explorer_callbacks_without_browser(tmp_path):
     explorer.task.value = "QueryAttr"
     assert explorer.example.options[0][0].startswith(examples[1].example_id)
     assert explorer.result.example_id.iloc[0] == examples[1].example_id
-    fig = explorer.figure(examples[1])
-    assert len(fig.axes) == 2 and fig.axes[1].get_title() == "Image->Last, k=1"
+    fig = explorer.draw(examples[1])
+    assert len(fig.axes) == 2 and fig.axes[1].get_title() == f"QueryAttr {examples[1].example_id}: Image->Last, k=1"
+    assert explorer.question.value.endswith(f"{examples[1].question} (answer: {examples[1].answer})")
+    assert explorer.window.step == 2 and explorer.window.continuous_update is False  # odd windows, on release
+    assert "k=1" in explorer.status.value and "computing" not in explorer.status.value
+    lo, hi = fig.axes[1].get_ylim()
+    assert hi - lo >= 2.0  # a tiny change does not fill the axis
+
+
+def test_lens_explorer_callbacks_without_browser(tmp_path):
+    run = mu.Run.load(mu.EMBEDDED_MODEL, cache_dir=str(tmp_path))
+    examples = mu.load_examples(n=1, tasks=["ChooseAttr", "QueryAttr"])
+    explorer = mu.LensExplorer(run, examples)
+    explorer.update()
+    assert set(explorer.result.view) == {mu.WITH_NORM} and explorer.result.layer.tolist()[:4] == [0, 0, 0, 0]
+    explorer.view.value = "paper"
+    assert set(explorer.result.view) == {mu.PAPER_VIEW} and explorer.result.layer.min() == -1
+    explorer.layers.value = (2, 4)
+    assert sorted(explorer.result.layer.unique()) == [2, 3, 4]
+    explorer.task.value = "QueryAttr"
+    assert explorer.result.example_id.iloc[0] == examples[1].example_id
+    assert set(explorer.result.token) == {"answer (lowercase)", "answer (Capitalized)"}  # no options in QueryAttr
 
 
 def test_make_passes_each_notebook_its_own_parameters_with_absolute_paths(tmp_path, monkeypatch):

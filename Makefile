@@ -23,11 +23,11 @@ OVERVIEW  := $(filter %_overview.ipynb,$(RUNS))
 ANALYSES  := $(filter-out $(OVERVIEW),$(RUNS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format lab reproduce check-data bench toy-model toy-eval clean FORCE
+.PHONY: help venv test test-browser lint format lab reproduce check-data bench toy-model toy-eval clean FORCE
 
 help: ## list the targets
 	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=... INPUTS=... KEEP=...]"
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create or refresh .venv from requirements.lock
 
@@ -42,6 +42,11 @@ $(STAMP): requirements.lock pyproject.toml
 test: $(STAMP) lint ## lint, doctests and the test suite (every notebook with its smoke parameters)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --doctest-modules mmflow tests
 
+test-browser: $(STAMP) ## JupyterLab in headless Chromium: runs notebooks 1, 3, 4 and moves their widgets
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium (root needed)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q browser_tests
+
 lint: $(STAMP) ## ruff on the code and the notebooks
 	$(VENV)/bin/ruff check .
 
@@ -50,8 +55,7 @@ format: $(STAMP) ## ruff's fixes and formatting
 
 PORT ?= 8888
 lab: $(STAMP) ## JupyterLab on the notebooks (127.0.0.1, the mmflow kernel, widgets); open the URL it prints
-	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) --ServerApp.open_browser=False \
-	  --ServerApp.root_dir=notebooks --FileContentsManager.pre_save_hook=mmflow.lab.strip_outputs
+	$(PY) -m mmflow.lab --port $(PORT)
 
 reproduce: $(RUNS) ## run every notebook headlessly -> OUT/*.png|pdf|csv, executed copies in notebooks/executed/
 

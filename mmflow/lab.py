@@ -4,6 +4,11 @@ tracked sources)."""
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -26,3 +31,35 @@ def strip_outputs(model: dict[str, Any], path: str, **_: Any) -> None:
             cell["outputs"] = []
             cell["execution_count"] = None
             cell.get("metadata", {}).pop("execution", None)
+
+
+def lab_command(root_dir: str, port: int = 8888, token: str | None = None) -> list[str]:
+    """The ``jupyter lab`` command ``make lab`` runs (the browser test runs the same one): 127.0.0.1 only, no
+    browser opened, the clean-source save hook, no calls to the internet for news or updates."""
+    command = [
+        str(Path(sys.executable).with_name("jupyter")),
+        "lab",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.open_browser=False",
+        f"--ServerApp.root_dir={root_dir}",
+        "--FileContentsManager.pre_save_hook=mmflow.lab.strip_outputs",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]
+    if os.geteuid() == 0:  # containers and CI run as root; Jupyter refuses that unless told
+        command.append("--ServerApp.allow_root=True")
+    return command + ([f"--IdentityProvider.token={token}"] if token is not None else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mmflow.lab [--port N]``: serve ``notebooks/`` and print the URL (with its token)."""
+    parser = argparse.ArgumentParser(description="JupyterLab on the mmflow notebooks")
+    parser.add_argument("--port", type=int, default=8888)
+    args = parser.parse_args(argv)
+    notebooks = Path(__file__).resolve().parent.parent / "notebooks"
+    return subprocess.call(lab_command(str(notebooks), args.port))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ from mmflow.data import DEFAULT_SHAPES_PER_TASK, EMBEDDED_DATA, Example, load_ex
 from mmflow.engines import ENGINES, BlockMask, Clean, Knockout, block_mask, clean_run, knockout_attention
 from mmflow.errors import MmflowError
 from mmflow.figures import (
+    COLORS,
     FIG_CASING,
     FIG_CASING_PER_TASK,
     FIG_IMAGE_TO_QUESTION,
@@ -91,7 +92,7 @@ __all__ = [
     "Run", "KEEP", "accuracy_table", "example_table", "wrong_answers", "greedy_answer", "merge_cached", "shard_of",
     # figures, findings, notebooks
     "FIG_TO_LAST", "FIG_IMAGE_TO_QUESTION", "FIG_PATCH_GROUPS", "FIG_PATCH_EXAMPLE", "FIG_CASING",
-    "FIG_CASING_PER_TASK", "FIG_OVERVIEW", "NOTEBOOK_FIGURES", "curve_table", "plot_curves", "save_figure",
+    "FIG_CASING_PER_TASK", "FIG_OVERVIEW", "NOTEBOOK_FIGURES", "COLORS", "curve_table", "plot_curves", "save_figure",
     "largest_drop", "mean_over_tasks", "describe_curves", "plot_patch_overlay", "record_provenance", "read_manifest",
     "check_provenance", "findings", "Verdict",
     "verdict_table", "verdict_markdown", "Study", "KnockoutExplorer", "LensExplorer",

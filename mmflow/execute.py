@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             parameters=params,
             kernel_name="mmflow",
             cwd=str(args.source.parent),
-            progress_bar=True,
+            progress_bar=False,
+            log_output=True,  # cell outputs, the per-example progress and its ETA included, reach the terminal
         )
     except pm.PapermillExecutionError as err:
         print(

@@ -46,18 +46,55 @@ NO_KEPT = "no kept examples"
 NOISE_PP = 1.0
 
 
+#: One colour (and line style) per flow and per lens token, the same in every figure.
+COLORS = {
+    "Question->Last": "#1f77b4",
+    "Image->Last": "#ff7f0e",
+    "Last->Last": "#2ca02c",
+    "Image->Question": "#9467bd",
+    "Related patches->Question": "#d62728",
+    "Other patches->Question": "#7f7f7f",
+    "answer (lowercase)": "#1f77b4",
+    "answer (Capitalized)": "#ff7f0e",
+    "false option (lowercase)": "#2ca02c",
+    "false option (Capitalized)": "#d62728",
+}
+#: Dashed lines for curves that would hide under others (Image->Last lies on Last->Last when both are ~0).
+DASHED = {"Image->Last", "false option (lowercase)", "false option (Capitalized)"}
+#: Bootstrap resamples of the 95% band, and its seed (so reruns draw the same band).
+N_BOOT, BOOT_SEED = 1000, 0
+
+
+def bootstrap_band(values: np.ndarray, rng: np.random.Generator, n_boot: int = N_BOOT) -> tuple[float, float]:
+    """95% percentile-bootstrap band of the mean: it stays within the values' range (never below -100%).
+
+    Example:
+        >>> bootstrap_band(np.array([-100.0, -100.0, -90.0]), np.random.default_rng(0))[0] >= -100
+        True
+    """
+    if len(values) < 2:
+        return float(values.mean()), float(values.mean())
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def curve_table(
     rows: pd.DataFrame, value: str = "rel_change", by: Sequence[str] = ("task", "flow", "layer")
 ) -> pd.DataFrame:
-    """Mean of ``value`` over examples with a 95% normal confidence band, per ``by`` group.
+    """Mean of ``value`` over examples with a 95% percentile-bootstrap band (seeded), per ``by`` group.
 
     Returns:
-        Columns ``*by, mean, n, ci_low, ci_high``, groups in order of first appearance.
+        Columns ``*by, mean, n, ci_low, ci_high``, groups in order of first appearance: exactly what
+        :func:`plot_curves` draws and the figure's CSV holds.
     """
-    grouped = rows.groupby(list(by), sort=False)[value]
-    table = grouped.agg(mean="mean", std="std", n="size").reset_index()
-    half = 1.96 * table["std"].fillna(0.0) / np.sqrt(table["n"])
-    return table.assign(ci_low=table["mean"] - half, ci_high=table["mean"] + half).drop(columns="std")
+    rng = np.random.default_rng(BOOT_SEED)
+    out = []
+    for key, group in rows.groupby(list(by), sort=False)[value]:
+        values = group.to_numpy(dtype=float)
+        low, high = bootstrap_band(values, rng)
+        out.append({**dict(zip(by, key)), "mean": values.mean(), "n": len(values), "ci_low": low, "ci_high": high})
+    return pd.DataFrame(out, columns=[*by, "mean", "n", "ci_low", "ci_high"])
 
 
 def plot_curves(
@@ -69,42 +106,82 @@ def plot_curves(
     title: str = "",
     ncols: int = 3,
     panels: Sequence[str] | None = None,
+    xlabel: str | None = None,
 ) -> Any:
-    """One panel per ``panel`` value, one line (mean with its band) per ``line`` value.
+    """One panel per ``panel`` value, one seaborn line (mean, with its bootstrap band) per ``line`` value.
+
+    Colours and line styles are fixed per flow / token (:data:`COLORS`); the panels of a figure share their y axis.
 
     Args:
         panels: the panels to draw, in order (default: those in ``table``); one without data says
             "no kept examples", so a task never silently disappears.
+        xlabel: default "centre layer" for knockout curves (``line="flow"``), else "layer".
 
     Returns:
         The matplotlib figure.
     """
     import matplotlib.pyplot as plt
+    import seaborn as sns
 
     panels = list(dict.fromkeys(panels if panels is not None else table[panel])) or [NO_KEPT]
+    ncols = min(ncols, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(
-        nrows, min(ncols, len(panels)), figsize=(4.2 * min(ncols, len(panels)), 3.2 * nrows), squeeze=False, sharex=True
+        nrows,
+        ncols,
+        figsize=(4.4 * ncols, 3.3 * nrows + 0.5),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        layout="constrained",
     )
+    labels = list(dict.fromkeys(table[line]))
+    palette = {label: COLORS.get(label, sns.color_palette()[i % 10]) for i, label in enumerate(labels)}
+    dashes = {label: (4, 2) if label in DASHED else "" for label in labels}
     for ax, name in zip(axes.flat, panels):
         part = table[table[panel] == name]
-        for label, curve in part.groupby(line, sort=False):
-            ax.plot(curve[x], curve["mean"], marker=".", label=label)
-            ax.fill_between(curve[x], curve["ci_low"], curve["ci_high"], alpha=0.2)
-        ax.axhline(0, color="grey", lw=0.6)
-        if part.empty:
+        if len(part):
+            sns.lineplot(
+                data=part,
+                x=x,
+                y="mean",
+                hue=line,
+                style=line,
+                palette=palette,
+                dashes=dashes,
+                hue_order=labels,
+                style_order=labels,
+                marker="o",
+                markersize=4,
+                ax=ax,
+                legend=False,
+            )
+            for label, curve in part.groupby(line, sort=False):
+                ax.fill_between(curve[x], curve["ci_low"], curve["ci_high"], color=palette[label], alpha=0.18, lw=0)
+        else:
             ax.text(0.5, 0.5, NO_KEPT, ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.axhline(0, color="grey", lw=0.6)
         ax.set_title(f"{name} (n={int(part['n'].max()) if len(part) else 0})", fontsize=10)
-        ax.set_xlabel(x)
+        ax.set_xlabel(xlabel or ("centre layer" if line == "flow" else "layer"))
         ax.set_ylabel(ylabel, fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    with_lines = [ax for ax in axes.flat if ax.get_lines()[1:]]  # more than the zero line
-    if with_lines:
-        with_lines[0].legend(fontsize=7)
+    if labels:
+        handles = [
+            plt.Line2D(
+                [],
+                [],
+                color=palette[lab],
+                marker="o",
+                markersize=4,
+                linestyle="--" if lab in DASHED else "-",
+                label=lab,
+            )
+            for lab in labels
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -274,7 +351,7 @@ def plot_patch_overlay(
                 lw=0.5,
             )
         )
-    title = textwrap.fill(f"{example.task}: {example.question}", 45)
+    title = textwrap.fill(f"{example.task}: {example.question}", 38)
     ax.set_title(f"{title}\n(answer: {example.answer}; red = related patches)", fontsize=8)
     ax.axis("off")
     return ax

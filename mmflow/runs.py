@@ -189,6 +189,25 @@ class ResultCache:
         return json.loads(json.dumps(payload))  # the same types a later read gives
 
 
+def interactive_frontend() -> bool:
+    """True in a kernel started by a Jupyter server (JupyterLab/Notebook) or VS Code, False under papermill."""
+    return any(name in os.environ for name in ("JPY_SESSION_NAME", "VSCODE_PID"))
+
+
+def _progress_bar():
+    """A widget progress bar in a live notebook; a text one (every 2 s, with its ETA) elsewhere, which papermill
+    passes on to the terminal of ``make reproduce``."""
+    if interactive_frontend():
+        from tqdm.auto import tqdm
+
+        return tqdm
+    from functools import partial
+
+    from tqdm.std import tqdm
+
+    return partial(tqdm, mininterval=2.0, dynamic_ncols=False, ncols=90)
+
+
 def run_cached(
     examples: Sequence[Example],
     compute: Callable[[Example], dict[str, Any]],
@@ -204,11 +223,11 @@ def run_cached(
     Returns:
         This shard's results; :func:`merge_cached` collects all shards.
     """
-    from tqdm.auto import tqdm
+    progress = _progress_bar()
 
     cache = ResultCache(cache_dir, key)
     results = []
-    for example in tqdm(shard_of(examples, shard), desc=desc, leave=False):
+    for example in progress(shard_of(examples, shard), desc=desc, leave=False):
         digest = example.digest()
         result = cache.read(digest)
         results.append(result if result is not None else cache.write(digest, compute(example)))

@@ -6,7 +6,6 @@ a status line says "computing..." while a setting runs and what the figure shows
 
 from __future__ import annotations
 
-import os
 import textwrap
 from collections.abc import Sequence
 from typing import Any
@@ -18,15 +17,10 @@ from mmflow.figures import YLABEL_CHANGE, plot_patch_overlay
 from mmflow.knockout import knockout_sweep
 from mmflow.lens import ANSWER, FALSE_OPTION, LENS_VIEWS, WITH_NORM, answer_token_ids, logit_lens, token_label
 from mmflow.paper import window_layers
-from mmflow.runs import Run
+from mmflow.runs import Run, interactive_frontend
 
 #: The y axis of a knockout curve spans at least this many percentage points, so noise is not magnified.
 MIN_SPAN_PP = 2.0
-
-
-def interactive_frontend() -> bool:
-    """True in a kernel started by a Jupyter server (JupyterLab/Notebook) or VS Code, False under papermill."""
-    return any(name in os.environ for name in ("JPY_SESSION_NAME", "VSCODE_PID"))
 
 
 def _at_least(ax: Any, low: float, high: float, span: float) -> None:

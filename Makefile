@@ -23,7 +23,7 @@ OVERVIEW  := $(filter %_overview.ipynb,$(RUNS))
 ANALYSES  := $(filter-out $(OVERVIEW),$(RUNS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-browser lint format lab reproduce check-data bench toy-model toy-eval clean FORCE
+.PHONY: help venv test test-browser lint format lab reproduce report check-data bench toy-model toy-eval clean FORCE
 
 help: ## list the targets
 	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=... INPUTS=... KEEP=...]"
@@ -64,6 +64,10 @@ $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
 	  --dtype "$(DTYPE)" --n "$(N)" --out-dir "$(OUT)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)"
 
 $(OVERVIEW): $(ANALYSES) # the overview reads the figures' CSVs the analyses write
+
+REPORT ?= results/report
+report: $(RUNS) ## HTML report of the executed notebooks (code hidden, figures inline) -> REPORT/index.html
+	$(PY) -m mmflow.report $(EXECUTED) "$(REPORT)"
 
 check-data: $(STAMP) ## check DATA + IMAGES against MODEL's config and processor (no weights) before a long run
 	$(PY) -m mmflow.check_data --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --n "$(N)" --inputs "$(INPUTS)"

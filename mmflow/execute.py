@@ -8,7 +8,12 @@ declares, resolves paths relative to the directory the command was started in (p
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 from mmflow.errors import MmflowError
@@ -60,6 +65,51 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.executed.parent.mkdir(parents=True, exist_ok=True)
     print(f"== {args.source.stem}", flush=True)
+    with terminal_progress():
+        return _execute(pm, args, params)
+
+
+@contextlib.contextmanager
+def terminal_progress(interval: float = 0.5):
+    """Show on stderr what the notebook's runs write to their progress file (see :data:`mmflow.runs.PROGRESS_ENV`):
+    per-example progress with an ETA in the terminal, none in the executed notebook."""
+    from mmflow.runs import PROGRESS_ENV
+
+    folder = tempfile.mkdtemp(prefix="mmflow-progress-")
+    path = os.path.join(folder, "progress")
+    open(path, "w").close()
+    previous = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = path  # the kernel inherits it
+    done = threading.Event()
+
+    def follow() -> None:
+        with open(path) as handle:
+            while True:
+                finished = done.is_set()
+                text = handle.read()
+                if text:
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+                if finished:
+                    return
+                done.wait(interval)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        sys.stderr.write("\n")
+        if previous is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _execute(pm, args: argparse.Namespace, params: dict) -> int:
     try:
         pm.execute_notebook(
             str(args.source),
@@ -67,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             parameters=params,
             kernel_name="mmflow",
             cwd=str(args.source.parent),
-            progress_bar=False,
-            log_output=True,  # cell outputs, the per-example progress and its ETA included, reach the terminal
+            progress_bar=False,  # the runs show per-example progress with an ETA on the terminal instead
         )
     except pm.PapermillExecutionError as err:
         print(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -194,18 +195,24 @@ def interactive_frontend() -> bool:
     return any(name in os.environ for name in ("JPY_SESSION_NAME", "VSCODE_PID"))
 
 
+#: Set by ``make reproduce`` (mmflow.execute): a file whose text the terminal shows while the notebook runs.
+PROGRESS_ENV = "MMFLOW_PROGRESS"
+
+
 def _progress_bar():
-    """A widget progress bar in a live notebook; a text one (every 2 s, with its ETA) elsewhere, which papermill
-    passes on to the terminal of ``make reproduce``."""
+    """A widget progress bar in a live notebook; under ``make reproduce`` a text one (every 2 s, with its ETA) in the
+    file that the terminal shows (not in the executed notebook); else a text one on stderr."""
+    from functools import partial
+
     if interactive_frontend():
         from tqdm.auto import tqdm
 
         return tqdm
-    from functools import partial
-
     from tqdm.std import tqdm
 
-    return partial(tqdm, mininterval=2.0, dynamic_ncols=False, ncols=90)
+    path = os.environ.get(PROGRESS_ENV)
+    stream = open(path, "a", buffering=1) if path else sys.stderr  # noqa: SIM115 - tqdm writes to it until done
+    return partial(tqdm, file=stream, mininterval=2.0, dynamic_ncols=False, ncols=90)
 
 
 def run_cached(

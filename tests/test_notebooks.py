@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -208,3 +209,44 @@ def test_a_fresh_default_run_reproduces_the_committed_figures(tmp_path):
         pd.testing.assert_frame_equal(fresh, saved, check_exact=False, rtol=CSV_RTOL, atol=CSV_ATOL, obj=figure)
     assert (out / "verdicts.csv").read_text() == (committed / "verdicts.csv").read_text()
     assert (out / "manifest.json").read_text() == (committed / "manifest.json").read_text()
+
+
+def test_report_is_offline_with_every_notebook(executed, tmp_path):
+    from mmflow.report import build_report
+
+    index = build_report(executed, tmp_path / "report")
+    links = re.findall(r'href="([^"]+\.html)"', index.read_text())
+    assert links == [f"{name}.html" for name in FIGURES]
+    for link in links:
+        page = (tmp_path / "report" / link).read_text()
+        assert "data:image/png;base64," in page  # figures inline
+        assert not re.search(r"<script[^>]*src=\"https?:", page) and "cdnjs" not in page  # nothing from the internet
+        assert "import mmflow_utils as mu" not in page  # code hidden
+
+
+def test_make_reproduce_shows_progress_in_the_terminal_not_in_the_notebook(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "nb.ipynb"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmflow.execute",
+            str(NOTEBOOKS / "2_image_to_question.ipynb"),
+            str(out),
+            "--n",
+            "1",
+            "--out-dir",
+            str(tmp_path / "figures"),
+            "--cache-dir",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "knockout:" in done.stderr and "/6 [" in done.stderr  # per-example progress with its counts and ETA
+    streams = [o["text"] for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []) if "text" in o]
+    assert not any("knockout:" in "".join(text) for text in streams)

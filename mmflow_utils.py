@@ -14,6 +14,7 @@ Where each name lives: see the module map in :mod:`mmflow`.
 """
 
 from mmflow import findings
+from mmflow.cache import merge_cached, shard_of
 from mmflow.data import DEFAULT_SHAPES_PER_TASK, EMBEDDED_DATA, Example, load_examples, load_gqa, load_shapes
 from mmflow.engines import ENGINES, BlockMask, Clean, Knockout, block_mask, clean_run, knockout_attention
 from mmflow.errors import MmflowError
@@ -68,7 +69,7 @@ from mmflow.paper import (
     window_layers,
 )
 from mmflow.patches import NEITHER, OTHER, RELATED, image_token_labels, patch_groups
-from mmflow.runs import KEEP, Run, greedy_answer, merge_cached, shard_of
+from mmflow.runs import KEEP, Run, greedy_answer
 from mmflow.study import Study
 from mmflow.tables import accuracy_table, example_table, wrong_answers
 from mmflow.widgets import KnockoutExplorer, LensExplorer

@@ -8,16 +8,22 @@ errors     :class:`MmflowError`
 models     the model-family table, loading, where layers / final norm / feature packing live
 patches    box masks through the processor's geometry: related / other image patches
 data       :class:`Example`, the shapes world and the paper's GQA CSVs
-inputs     prompt and token groups of an example
+words      options in their "X or Y" slot and object words in a question, with the rule that found them
+inputs     the prompt ("paper" or "processor" inputs) and the token groups of an example
 engines    the knockout primitive (block masks merged into the model's mask) and the engine registry
 knockout   :func:`knockout_sweep`, one generic function for every flow
 lens       the logit lens
-runs       correctness filter, content-keyed results cache, shards, :class:`Run`
-figures    curve tables, plots, figure files
+cache      the results cache: content-keyed files checked on read, atomic writes, shards, progress
+runs       correctness filter and :class:`Run` (analyses many examples through the cache)
+tables     per-task accounting of every example (analysed, not encodable, skipped flows)
+figures    curve tables with bootstrap bands, seaborn plots, figure files, provenance
 findings   the paper's claims against computed verdicts
-widgets    the knockout explorer
+widgets    the knockout and logit-lens explorers
 study      :class:`Study`, what every notebook shares
 =========  ===========================================================================================
+
+Commands behind ``make``: ``execute`` (``make reproduce``, one notebook), ``lab`` (``make lab``), ``report``
+(``make report``), ``check_data`` (``make check-data``).
 
 Notebooks import the facade ``mmflow_utils``; tests of internals import the submodules.
 """

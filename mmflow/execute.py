@@ -16,24 +16,33 @@ import tempfile
 import threading
 from pathlib import Path
 
+import nbformat
+
 from mmflow.errors import MmflowError
 
 #: Options whose values are paths, made absolute against the caller's directory.
 PATH_OPTIONS = ("data", "images", "out_dir", "cache_dir")
 
 
-def notebook_parameters(args: argparse.Namespace, declared: list[str]) -> dict:
-    """The parameters to pass: the given options this notebook declares, paths made absolute, ``N`` parsed.
+def notebook_parameters(args: argparse.Namespace, declared: list[str], relative_to: Path | None = None) -> dict:
+    """The parameters to pass: the given options this notebook declares, paths resolved against the directory the
+    command runs in (then written relative to ``relative_to``, the notebook's working directory, if given, so an
+    executed copy runs again anywhere), ``N`` parsed.
 
     Raises:
         MmflowError: for an ``N`` that is not a non-negative integer.
     """
     given = {k: v for k, v in vars(args).items() if v not in (None, "") and k not in ("source", "executed")}
+
+    def place(path: str) -> str:
+        absolute = Path(path).expanduser().resolve()
+        return os.path.relpath(absolute, relative_to) if relative_to is not None else str(absolute)
+
     for name in PATH_OPTIONS:
         if given.get(name) and not (name == "data" and given[name] == "shapes"):
-            given[name] = str(Path(given[name]).expanduser().resolve())
+            given[name] = place(given[name])
     if given.get("model") and Path(given["model"]).expanduser().exists():  # a local folder, not a hub id
-        given["model"] = str(Path(given["model"]).expanduser().resolve())
+        given["model"] = place(given["model"])
     if "n_per_task" in given:
         text = given["n_per_task"].strip()
         if text == "0":
@@ -58,22 +67,55 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
     parser.add_argument("--n", dest="n_per_task", help="questions per task (0 or empty: the default)")
     args = parser.parse_args(argv)
+    workdir = args.executed.parent.resolve()
     try:
-        params = notebook_parameters(args, list(pm.inspect_notebook(str(args.source))))
+        params = notebook_parameters(args, list(pm.inspect_notebook(str(args.source))), relative_to=workdir)
     except MmflowError as err:
         print(f"make reproduce: {err}", file=sys.stderr)
         return 2
     args.executed.parent.mkdir(parents=True, exist_ok=True)
     print(f"== {args.source.stem}", flush=True)
     with terminal_progress():
-        return _execute(pm, args, params)
+        status = _execute(pm, args, params, workdir)
+    if status == 0:
+        settle(args.executed)
+    return status
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+#: Papermill's notebook-level metadata that changes on every run (times, absolute paths, the environment).
+VOLATILE = ("start_time", "end_time", "duration", "input_path", "output_path", "environment_variables")
+
+
+def settle(executed: Path) -> None:
+    """Drop what changes on every run (times, absolute paths, widget state) from an executed copy, so a rerun
+    with the same results writes the same file."""
+    book = nbformat.read(executed, as_version=4)
+    for key in VOLATILE:
+        book.metadata.get("papermill", {}).pop(key, None)
+    strip_widgets(book)
+    for cell in book.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.id = "injected-parameters"  # papermill draws a random id
+    nbformat.write(book, executed)
+
+
+def strip_widgets(book: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """The notebook without widget state and widget views (random model ids; their text fallback stays)."""
+    book.metadata.pop("widgets", None)
+    for cell in book.cells:
+        for output in cell.get("outputs", []):
+            output.get("data", {}).pop(WIDGET_VIEW, None)
+    return book
 
 
 @contextlib.contextmanager
 def terminal_progress(interval: float = 0.5):
-    """Show on stderr what the notebook's runs write to their progress file (see :data:`mmflow.runs.PROGRESS_ENV`):
+    """Show on stderr what the notebook's runs write to their progress file (see :data:`mmflow.cache.PROGRESS_ENV`):
     per-example progress with an ETA in the terminal, none in the executed notebook."""
-    from mmflow.runs import PROGRESS_ENV
+    from mmflow.cache import PROGRESS_ENV
 
     folder = tempfile.mkdtemp(prefix="mmflow-progress-")
     path = os.path.join(folder, "progress")
@@ -109,14 +151,14 @@ def terminal_progress(interval: float = 0.5):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _execute(pm, args: argparse.Namespace, params: dict) -> int:
+def _execute(pm, args: argparse.Namespace, params: dict, workdir: Path) -> int:
     try:
         pm.execute_notebook(
             str(args.source),
             str(args.executed),
             parameters=params,
             kernel_name="mmflow",
-            cwd=str(args.source.parent),
+            cwd=str(workdir),  # the executed copy's folder: its relative paths hold there (nbval reruns it there)
             progress_bar=False,  # the runs show per-example progress with an ETA on the terminal instead
         )
     except pm.PapermillExecutionError as err:

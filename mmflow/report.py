@@ -15,17 +15,7 @@ from pathlib import Path
 import nbformat
 
 from mmflow.errors import MmflowError
-
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-
-
-def offline(book: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """The notebook without widget state and widget views (their text fallback stays)."""
-    book.metadata.pop("widgets", None)
-    for cell in book.cells:
-        for output in cell.get("outputs", []):
-            output.get("data", {}).pop(WIDGET_VIEW, None)
-    return book
+from mmflow.execute import strip_widgets
 
 
 def page(book: nbformat.NotebookNode) -> str:
@@ -38,7 +28,7 @@ def page(book: nbformat.NotebookNode) -> str:
     for trait in exporter.trait_names():
         if trait.endswith("_url"):  # MathJax, require.js, widgets, mermaid: all from a CDN by default
             setattr(exporter, trait, "")
-    body, _ = exporter.from_notebook_node(offline(book))
+    body, _ = exporter.from_notebook_node(strip_widgets(book))
     return re.sub(r'<script[^>]*\bsrc=""[^>]*>\s*</script>', "", body)
 
 

@@ -1,28 +1,17 @@
-"""Experiments over many examples: the paper's correctness filter, a results cache keyed by content, shards.
-
-Cache layout: ``<cache_dir>/<configuration key>/<example digest>.json``. The configuration key hashes what the
-computation depends on besides the example (kind, model fingerprint, flows, window, engine, dtype); the file name
-is the example's content hash (:meth:`~mmflow.data.Example.digest`), never a value from the data. Each file
-records the digest it was computed for and is checked on read; a corrupt or mismatched file is reported by name
-and recomputed. Writes go to a unique temporary file and are atomically renamed, so processes can share a cache.
-"""
+"""Experiments over many examples: the paper's correctness filter and :class:`Run`, which analyses examples through
+the results cache (:mod:`mmflow.cache`) and accounts for every one of them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import sys
-import tempfile
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from mmflow.cache import check_unique_ids, config_key, run_cached
 from mmflow.data import Example
 from mmflow.errors import MmflowError
 from mmflow.inputs import Encoded, encode_example, resolve_inputs
@@ -100,161 +89,6 @@ def model_fingerprint(model: LlavaModel) -> str:
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
     config = json.dumps(_without_paths(model.config.to_dict()), sort_keys=True, default=str)
     return f"{config}|{checksum:.10e}"
-
-
-def config_key(**config: Any) -> str:
-    """A short stable hash of a configuration (the cache folder of its results).
-
-    Example:
-        >>> config_key(kind="lens", dtype="float32") == config_key(dtype="float32", kind="lens")
-        True
-    """
-    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def shard_of(items: Sequence[Any], shard: tuple[int, int] = (0, 1)) -> list[Any]:
-    """Items of shard ``i`` of ``n`` (round robin), so ``n`` processes split a run without overlap.
-
-    Raises:
-        MmflowError: for a shard that does not exist.
-
-    Example:
-        >>> shard_of("abcde", (1, 2))
-        ['b', 'd']
-    """
-    i, n = shard
-    if not 0 <= i < n:
-        raise MmflowError(f"Shard {i} of {n} does not exist")
-    return list(items[i::n])
-
-
-def check_unique_ids(examples: Sequence[Example]) -> None:
-    """Raise if two examples share an id (one would silently replace the other in every table).
-
-    Raises:
-        MmflowError: naming the id and both examples (their file and line where known, else their positions).
-    """
-    seen: dict[str, int] = {}
-    for i, example in enumerate(examples):
-        if example.example_id in seen:
-            first = examples[seen[example.example_id]]
-            raise MmflowError(
-                f"Duplicate example id {example.example_id!r}: examples #{seen[example.example_id]} "
-                f"({first.source or first.task}) and #{i} ({example.source or example.task})"
-            )
-        seen[example.example_id] = i
-
-
-class ResultCache:
-    """One configuration's results, one JSON file per example, named by the example's digest."""
-
-    def __init__(self, cache_dir: str | Path, key: str):
-        self.folder = Path(cache_dir) / key
-
-    def path(self, digest: str) -> Path:
-        """The result file of an example digest (hex only, so it always lies inside :attr:`folder`)."""
-        if not digest or any(c not in "0123456789abcdef" for c in digest):
-            raise MmflowError(f"Not an example digest: {digest!r}")
-        return self.folder / f"{digest}.json"
-
-    def read(self, digest: str) -> dict[str, Any] | None:
-        """The cached result, or None if there is none or the file is unusable (reported by name)."""
-        path = self.path(digest)
-        if not path.exists():
-            return None
-        try:
-            result = json.loads(path.read_text())
-            if (
-                not isinstance(result, dict)
-                or result.get("example_digest") != digest
-                or not isinstance(result.get("rows"), list)
-            ):
-                raise ValueError("it was not computed for this example")
-            return result
-        except (ValueError, OSError) as err:
-            warnings.warn(f"Ignoring the unusable cached result {path} ({err}); recomputing it", stacklevel=3)
-            return None
-
-    def write(self, digest: str, result: dict[str, Any]) -> dict[str, Any]:
-        """Write atomically (a unique temporary file, then rename); returns the result as read back."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        payload = {**result, "example_digest": digest}
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{digest[:12]}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(payload, handle)
-            os.replace(tmp, self.path(digest))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return json.loads(json.dumps(payload))  # the same types a later read gives
-
-
-def interactive_frontend() -> bool:
-    """True in a kernel started by a Jupyter server (JupyterLab/Notebook) or VS Code, False under papermill."""
-    return any(name in os.environ for name in ("JPY_SESSION_NAME", "VSCODE_PID"))
-
-
-#: Set by ``make reproduce`` (mmflow.execute): a file whose text the terminal shows while the notebook runs.
-PROGRESS_ENV = "MMFLOW_PROGRESS"
-
-
-def _progress_bar():
-    """A widget progress bar in a live notebook; under ``make reproduce`` a text one (every 2 s, with its ETA) in the
-    file that the terminal shows (not in the executed notebook); else a text one on stderr."""
-    from functools import partial
-
-    if interactive_frontend():
-        from tqdm.auto import tqdm
-
-        return tqdm
-    from tqdm.std import tqdm
-
-    path = os.environ.get(PROGRESS_ENV)
-    stream = open(path, "a", buffering=1) if path else sys.stderr  # noqa: SIM115 - tqdm writes to it until done
-    return partial(tqdm, file=stream, mininterval=2.0, dynamic_ncols=False, ncols=90)
-
-
-def run_cached(
-    examples: Sequence[Example],
-    compute: Callable[[Example], dict[str, Any]],
-    cache_dir: str | Path,
-    key: str,
-    shard: tuple[int, int] = (0, 1),
-    desc: str = "examples",
-) -> list[dict[str, Any]]:
-    """Run ``compute`` on each example of the shard, caching each result (see the module docstring).
-
-    Cached examples are skipped, so an interrupted run resumes where it stopped and gives identical results.
-
-    Returns:
-        This shard's results; :func:`merge_cached` collects all shards.
-    """
-    progress = _progress_bar()
-
-    cache = ResultCache(cache_dir, key)
-    results = []
-    for example in progress(shard_of(examples, shard), desc=desc, leave=False):
-        digest = example.digest()
-        result = cache.read(digest)
-        results.append(result if result is not None else cache.write(digest, compute(example)))
-    return results
-
-
-def merge_cached(cache_dir: str | Path, key: str, examples: Sequence[Example]) -> list[dict[str, Any]]:
-    """All cached results of a configuration, in example order.
-
-    Raises:
-        MmflowError: naming the examples no shard has computed yet.
-    """
-    cache = ResultCache(cache_dir, key)
-    results = [cache.read(e.digest()) for e in examples]
-    missing = [e.example_id for e, r in zip(examples, results) if r is None]
-    if missing:
-        raise MmflowError(
-            f"{len(missing)} examples not computed yet in {cache.folder} (e.g. {missing[:3]}): run the missing shards"
-        )
-    return results
 
 
 @dataclass

@@ -12,12 +12,13 @@ from typing import Any
 
 import pandas as pd
 
+from mmflow.cache import interactive_frontend
 from mmflow.data import Example
 from mmflow.figures import YLABEL_CHANGE, plot_patch_overlay
 from mmflow.knockout import knockout_sweep
 from mmflow.lens import ANSWER, FALSE_OPTION, LENS_VIEWS, WITH_NORM, answer_token_ids, logit_lens, token_label
 from mmflow.paper import window_layers
-from mmflow.runs import Run, interactive_frontend
+from mmflow.runs import Run
 
 #: The y axis of a knockout curve spans at least this many percentage points, so noise is not magnified.
 MIN_SPAN_PP = 2.0
@@ -65,17 +66,18 @@ class _Explorer:
         """The example picked."""
         return self.examples[self.example.value]
 
-    def update(self) -> pd.DataFrame:
-        """Compute the current setting and redraw; returns its rows."""
+    def update(self, live: bool = True) -> pd.DataFrame:
+        """Compute the current setting and (``live``) redraw it in the panel; returns its rows."""
         example = self.current
         self.question.value = (
             f"<b>{example.task}</b> {example.example_id}: {example.question} (answer: {example.answer})"
         )
         self.status.value = "<i>computing...</i>"
         self.result = self.compute(example)
-        self.output.clear_output(wait=True)
-        with self.output:
-            self.draw(example)
+        if live:
+            self.output.clear_output(wait=True)
+            with self.output:
+                self.draw(example)
         self.status.value = f"<b>{self.title(example)}</b>: {self.describe()}"
         return self.result
 
@@ -86,8 +88,8 @@ class _Explorer:
         if interactive_frontend():
             display(self.panel)
             self.update()
-        else:
-            self.update()
+        else:  # one static figure in the cell's own output
+            self.update(live=False)
             self.draw(self.current)
 
     def compute(self, example: Example) -> pd.DataFrame:  # pragma: no cover - abstract
@@ -165,14 +167,10 @@ class KnockoutExplorer(_Explorer):
 
         fig, (ax_img, ax_curve) = plt.subplots(1, 2, figsize=(10, 3.6))
         plot_patch_overlay(self.run.model, self.run.processor, example, ax_img, self.run.inputs)
-        ax_curve.plot(self.result["layer"], self.result["rel_change"], marker="o")
+        change = self.result["rel_change"].round(3)  # 1e-3 pp: the same drawing across machines' float rounding
+        ax_curve.plot(self.result["layer"], change, marker="o")
         ax_curve.axhline(0, color="grey", lw=0.6)
-        _at_least(
-            ax_curve,
-            float(min(self.result["rel_change"].min(), 0)),
-            float(max(self.result["rel_change"].max(), 0)),
-            MIN_SPAN_PP,
-        )
+        _at_least(ax_curve, float(min(change.min(), 0)), float(max(change.max(), 0)), MIN_SPAN_PP)
         ax_curve.set(xlabel="centre layer", ylabel=YLABEL_CHANGE)
         ax_curve.set_title(textwrap.fill(self.title(example), 60), fontsize=9)
         fig.tight_layout()

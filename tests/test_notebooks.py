@@ -165,6 +165,14 @@ def test_make_passes_each_notebook_its_own_parameters_with_absolute_paths(tmp_pa
     assert "n_per_task" not in params and "images" not in params  # empty: the notebook's default (None, "")
     zero = notebook_parameters(argparse.Namespace(**{**given, "n_per_task": "0"}), declared)
     assert zero["n_per_task"] is None
+    executed = tmp_path / "notebooks" / "executed"  # the executed copy's folder: paths are written relative to it
+    relative = notebook_parameters(argparse.Namespace(**given), declared, relative_to=executed)
+    assert (
+        relative["out_dir"] == "../../figs"
+        and relative["model"] == "../../my-llava"
+        and relative["data"] == "../../gqa"
+    )
+    assert notebook_parameters(argparse.Namespace(**{**given, "data": "shapes"}), declared)["data"] == "shapes"
     overview = notebook_parameters(
         argparse.Namespace(**given), list(pm.inspect_notebook(NOTEBOOKS / "5_overview.ipynb"))
     )

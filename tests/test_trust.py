@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import mmflow.cache
 import mmflow.figures
-import mmflow.runs
 import mmflow_utils as mu
 from mmflow.data import read_csv_rows
 from mmflow.paper import flow_parts
@@ -267,7 +267,7 @@ def test_ids_from_the_data_never_name_files(tiny_dirs, tmp_path):
 
 def hammer(cache_dir: str, seed: int) -> int:
     """Write and read the same few results many times; returns the number of bad reads."""
-    cache = mmflow.runs.ResultCache(cache_dir, "race")
+    cache = mmflow.cache.ResultCache(cache_dir, "race")
     digests = [f"{d:064x}" for d in range(3)]
     bad = 0
     for i in range(150):

@@ -206,6 +206,7 @@ def test_saving_in_jupyterlab_keeps_sources_clean(browser, lab):
     """Run and save a notebook: the saved source holds no outputs, and the checkout's notebooks and figures are
     untouched (interactive runs write to ../results/figures)."""
     _, _, root = lab
+    original = (root / "1_to_last_flow.ipynb").read_bytes()
     page = open_and_run(browser, lab, "1_to_last_flow")
     explorer_status(page).filter(has_text="k=3").wait_for(timeout=TIMEOUT_MS)
     page.keyboard.press("Control+s")
@@ -213,6 +214,7 @@ def test_saving_in_jupyterlab_keeps_sources_clean(browser, lab):
     time.sleep(2)
     saved = nbformat.read(root / "1_to_last_flow.ipynb", as_version=4)
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in saved.cells if c.cell_type == "code")
+    assert (root / "1_to_last_flow.ipynb").read_bytes() == original  # byte for byte: git would see no change
     assert (root.parent / "results" / "figures" / "fig1_to_last.png").exists()
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "notebooks", "figures"], cwd=REPO, capture_output=True, text=True, check=True

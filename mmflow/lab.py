@@ -13,9 +13,10 @@ from typing import Any
 
 
 def strip_outputs(model: dict[str, Any], path: str, **_: Any) -> None:
-    """Jupyter ``pre_save_hook``: drop outputs and execution counts from a notebook source before it is saved.
+    """Jupyter ``pre_save_hook``: save a notebook source as it is kept in git: no outputs, no execution counts, and
+    none of the metadata a session adds (language version details, widget state, timings).
 
-    Executed copies (under ``executed/``) keep their outputs.
+    Executed copies (under ``executed/``) are saved as they are.
 
     Example:
         >>> cell = {"cell_type": "code", "outputs": [{"text": "1"}], "execution_count": 3, "metadata": {}}
@@ -26,6 +27,12 @@ def strip_outputs(model: dict[str, Any], path: str, **_: Any) -> None:
     """
     if model.get("type") != "notebook" or "executed/" in path.replace("\\", "/"):
         return
+    metadata = model["content"].get("metadata", {})
+    language = metadata.get("language_info", {}).get("name")
+    for key in [k for k in metadata if k not in ("kernelspec", "language_info")]:
+        del metadata[key]  # what a session adds (widget state, ...) is not part of the source
+    if language:
+        metadata["language_info"] = {"name": language}  # not the kernel's version details
     for cell in model["content"].get("cells", []):
         if cell.get("cell_type") == "code":
             cell["outputs"] = []

@@ -148,57 +148,42 @@ def select(page: Page, label: str, option: str):
     return lambda: dropdown.select_option(label=option)
 
 
-def test_notebook_1_window_slider_and_task(browser, lab):
-    page = open_and_run(browser, lab, "1_to_last_flow")
-    first = FIRST.format(task="ChooseAttr")
-    explorer_status(page).filter(has_text=f"ChooseAttr {first}: Question->Last, k=3").wait_for(timeout=TIMEOUT_MS)
-    change(
-        page,
-        "1_to_last_flow",
-        "window",
-        slider_key(page, "window k", "ArrowRight"),
-        f"ChooseAttr {first}: Question->Last, k=5",
-    )
-    query = FIRST.format(task="QueryAttr")
-    change(page, "1_to_last_flow", "task", select(page, "task", "QueryAttr"), f"QueryAttr {query}: Question->Last, k=5")
-    page.close()
+ATTR, QUERY = f"ChooseAttr {FIRST.format(task='ChooseAttr')}", f"QueryAttr {FIRST.format(task='QueryAttr')}"
+#: Per notebook: the explorer's first status, then (step, control kind, control label, key or option, new status).
+CASES = {
+    "1_to_last_flow": (
+        f"{ATTR}: Question->Last, k=3",
+        [
+            ("window", "slider", "window k", "ArrowRight", f"{ATTR}: Question->Last, k=5"),
+            ("task", "select", "task", "QueryAttr", f"{QUERY}: Question->Last, k=5"),
+        ],
+    ),
+    "3_patch_groups": (
+        f"{ATTR}: Related patches->Question, k=3",
+        [
+            ("flow", "select", "flow", "Other patches->Question", f"{ATTR}: Other patches->Question, k=3"),
+            ("window", "slider", "window k", "ArrowLeft", f"{ATTR}: Other patches->Question, k=1"),
+        ],
+    ),
+    "4_answer_casing": (
+        f"{ATTR}: with final norm",
+        [
+            ("view", "select", "view", "paper's code: hidden_states (top normed)", f"{ATTR}: paper's code"),
+            ("task", "select", "task", "QueryAttr", f"{QUERY}: paper's code"),
+        ],
+    ),
+}
 
 
-def test_notebook_3_flow_and_window(browser, lab):
-    page = open_and_run(browser, lab, "3_patch_groups")
-    first = FIRST.format(task="ChooseAttr")
-    status = f"ChooseAttr {first}: Related patches->Question, k=3"
-    explorer_status(page).filter(has_text=status).wait_for(timeout=TIMEOUT_MS)
-    change(
-        page,
-        "3_patch_groups",
-        "flow",
-        select(page, "flow", "Other patches->Question"),
-        f"ChooseAttr {first}: Other patches->Question, k=3",
-    )
-    change(
-        page,
-        "3_patch_groups",
-        "window",
-        slider_key(page, "window k", "ArrowLeft"),
-        f"ChooseAttr {first}: Other patches->Question, k=1",
-    )
-    page.close()
-
-
-def test_notebook_4_lens_view_and_task(browser, lab):
-    page = open_and_run(browser, lab, "4_answer_casing")
-    first = FIRST.format(task="ChooseAttr")
-    explorer_status(page).filter(has_text=f"ChooseAttr {first}: with final norm").wait_for(timeout=TIMEOUT_MS)
-    change(
-        page,
-        "4_answer_casing",
-        "view",
-        select(page, "view", "paper's code: hidden_states (top normed)"),
-        f"ChooseAttr {first}: paper's code",
-    )
-    query = FIRST.format(task="QueryAttr")
-    change(page, "4_answer_casing", "task", select(page, "task", "QueryAttr"), f"QueryAttr {query}: paper's code")
+@pytest.mark.parametrize("name", list(CASES))
+def test_explorer_follows_its_controls(browser, lab, name):
+    """Run the notebook; each change of a control redraws the figure for the new setting (title text and image)."""
+    first, steps = CASES[name]
+    page = open_and_run(browser, lab, name)
+    explorer_status(page).filter(has_text=first).wait_for(timeout=TIMEOUT_MS)
+    for step, kind, label, value, expected in steps:
+        action = slider_key(page, label, value) if kind == "slider" else select(page, label, value)
+        change(page, name, step, action, expected)
     page.close()
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mmflow.cache import check_unique_ids, config_key, run_cached
+from mmflow.cache import ResultCache, check_unique_ids, config_key, run_cached
 from mmflow.data import Example
 from mmflow.errors import MmflowError
 from mmflow.inputs import Encoded, encode_example, resolve_inputs
@@ -141,11 +141,19 @@ class Run:
         )
 
     def _check(self, example: Example, encoded: Encoded) -> dict[str, Any]:
-        predicted = greedy_answer(self.model, self.processor, encoded)
+        """The example's status with the model's greedy answer, generated once per (model, dtype, inputs) and
+        example, and shared by every analysis through the cache."""
+        key = config_key(kind="answer", model=self.fingerprint, dtype=self.dtype, inputs=self.inputs)
+        cache = ResultCache(self.cache_dir, f"answers-{key}")
+        digest = example.digest()
+        answer = cache.read(digest)
+        if answer is None:
+            predicted = greedy_answer(self.model, self.processor, encoded).strip()
+            answer = cache.write(digest, {"predicted": predicted, "rows": []})
         return {
             **_status(example),
-            "predicted": predicted.strip(),
-            "correct": is_correct(predicted, example.answer),
+            "predicted": answer["predicted"],
+            "correct": is_correct(answer["predicted"], example.answer),
             "error": None,
             "located": encoded.located,
         }
@@ -187,7 +195,7 @@ class Run:
         check_flows(flows)
         k = default_window(self.n_layers) if window is None else check_window(window)
         names = [flow_name(f) for f in flows]
-        key = config_key(
+        key = "knockout-" + config_key(
             kind="knockout",
             model=self.fingerprint,
             flows=names,
@@ -232,7 +240,7 @@ class Run:
         """
         check_unique_ids(examples)
         check_keep(keep)
-        key = config_key(kind="lens", model=self.fingerprint, dtype=self.dtype, inputs=self.inputs, keep=keep)
+        key = "lens-" + config_key(kind="lens", model=self.fingerprint, dtype=self.dtype, inputs=self.inputs, keep=keep)
         tok = self.processor.tokenizer
 
         def compute(example: Example) -> dict[str, Any]:

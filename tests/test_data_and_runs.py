@@ -164,6 +164,11 @@ def test_unreadable_image_is_reported(tmp_path):
         example.image()
 
 
+def analysis_files(cache_dir) -> list[Path]:
+    """The cached analysis results (not the shared greedy answers), sorted."""
+    return sorted(p for p in Path(cache_dir).rglob("*.json") if not p.parent.name.startswith("answers-"))
+
+
 def examples_for(run, n=4):
     """Examples on synthetic images; the first two get the model's own answer as gold (so they are kept)."""
     out = []
@@ -201,7 +206,7 @@ def test_correctness_filter_and_resume(run, monkeypatch):
     assert len(rows) == 2 * len(flows) * mu.num_layers(run.model)
     assert mu.accuracy_table(status).loc["ChooseAttr"].tolist() == [4, 2, 0.5]
     # resume: only the missing example is recomputed, and the results are identical
-    files = sorted(Path(run.cache_dir).rglob("*.json"))
+    files = analysis_files(run.cache_dir)
     assert len(files) == 4
     next(f for f in files if f.stem == examples[1].digest()).unlink()  # a kept example's result
     calls = []
@@ -257,7 +262,7 @@ def test_cache_files_are_named_by_content_and_checked_on_read(run):
     examples = examples_for(run, 2)
     examples[0].example_id = "../../escape"  # an id from a CSV must not decide where files go
     rows, _ = run.knockout(examples, ["Image->Last"], window=3)
-    files = sorted(Path(run.cache_dir).rglob("*.json"))
+    files = analysis_files(run.cache_dir)
     assert sorted(f.stem for f in files) == sorted(e.digest() for e in examples)
     assert all(f.resolve().is_relative_to(Path(run.cache_dir).resolve()) for f in files)
     target = next(f for f in files if f.stem == examples[0].digest())
@@ -293,9 +298,9 @@ def test_an_edited_example_is_recomputed(run):
     assert examples[0].digest() != digest
     examples[0]._image = examples[0]._image.copy()
     examples[0]._image.putpixel((0, 0), (1, 2, 3))
-    assert len(list(Path(run.cache_dir).rglob("*.json"))) == 1
+    assert len(analysis_files(run.cache_dir)) == 1
     run.knockout(examples, ["Image->Last"], window=3)
-    assert len(list(Path(run.cache_dir).rglob("*.json"))) == 2
+    assert len(analysis_files(run.cache_dir)) == 2
 
 
 def test_duplicate_ids_are_rejected_with_both_named(run):
@@ -314,3 +319,15 @@ def test_bad_n_is_named():
         with pytest.raises(mu.MmflowError, match="n \\(questions per task\\) must be a positive integer"):
             mu.load_examples("shapes", n=n)
     assert len(mu.load_examples("shapes", tasks=["QueryAttr"])) == mu.DEFAULT_SHAPES_PER_TASK
+
+
+def test_the_greedy_answer_is_generated_once_per_example_for_all_analyses(run, monkeypatch):
+    examples = examples_for(run, 3)
+    calls = []
+    original = mmflow.runs.greedy_answer
+    monkeypatch.setattr(mmflow.runs, "greedy_answer", lambda *a, **k: calls.append(1) or original(*a, **k))
+    _, knockout_status = run.knockout(examples, ["Image->Last"], window=3)
+    _, patch_status = run.knockout(examples, list(mu.PATCH_FLOWS), window=3)
+    _, lens_status = run.lens(examples)
+    assert len(calls) == len(examples)  # once per example, shared through the cache
+    assert knockout_status.correct.tolist() == patch_status.correct.tolist() == lens_status.correct.tolist()

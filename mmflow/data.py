@@ -320,7 +320,9 @@ def load_examples(
     if data == EMBEDDED_DATA:
         return load_shapes(n or DEFAULT_SHAPES_PER_TASK, seed, tasks)
     if not Path(data).is_dir():
-        raise MmflowError(f"Data folder {data} not found: pass 'shapes' or a folder of GQA CSVs")
+        raise MmflowError(
+            f"Data folder {data} ({Path(data).resolve()}) not found: pass 'shapes' or a folder of GQA CSVs"
+        )
     if not images:
         raise MmflowError("GQA data needs an image folder (IMAGES=... / images=...)")
     return load_gqa(data, images, tasks, n)

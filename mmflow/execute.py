@@ -41,7 +41,8 @@ def notebook_parameters(args: argparse.Namespace, declared: list[str], relative_
     for name in PATH_OPTIONS:
         if given.get(name) and not (name == "data" and given[name] == "shapes"):
             given[name] = place(given[name])
-    if given.get("model") and Path(given["model"]).expanduser().exists():  # a local folder, not a hub id
+    model = given.get("model", "")
+    if model.startswith((".", "/", "~")) or Path(model).expanduser().exists():  # a local folder, not a hub id
         given["model"] = place(given["model"])
     if "n_per_task" in given:
         text = given["n_per_task"].strip()

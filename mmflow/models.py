@@ -200,7 +200,7 @@ def _locate(name_or_path: str, local_files_only: bool | None) -> tuple[str, Path
             raise MmflowError(f"Model folder {folder} holds no config.json")
         _read_json(folder / "config.json")  # parses, and asks for no custom code
     elif folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
-        raise MmflowError(f"Model folder {path} not found")
+        raise MmflowError(f"Model folder {path} ({folder.resolve()}) not found")
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     return path, folder, {"local_files_only": local_files_only, "trust_remote_code": False}

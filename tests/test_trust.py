@@ -225,7 +225,7 @@ def test_broken_checkpoints_are_named_before_loading_weights(folder, damage, mes
     [
         ({"dtype": "bogus"}, "dtype must be one of"),
         ({"device": "gpu9"}, "device must be a torch device"),
-        ({"name_or_path": "./no/such/folder"}, "Model folder ./no/such/folder not found"),
+        ({"name_or_path": "./no/such/folder"}, r"Model folder ./no/such/folder \(/.*/no/such/folder\) not found"),
     ],
 )
 def test_bad_load_parameters_are_named(kwargs, message):

@@ -3,9 +3,10 @@
 A notebook keeps only what is particular to its question::
 
     study = Study.from_params(model="shapes-llava", data="shapes", n_per_task=None, window=None)
-    rows = study.knockout(TO_LAST_FLOWS)       # shows the accuracy table; a clear error if nothing is kept
-    table = curve_table(rows)
-    study.figure(plot_curves(table, title=study.title("flows to the last position")), table, FIG_TO_LAST)
+    rows = study.knockout(TO_LAST_FLOWS, FIG_TO_LAST)  # shows and saves the per-task accounting of the examples
+    table = study.stable(curve_table(rows), FIG_TO_LAST)
+    study.figure(plot_curves(table, title=study.title("flows to the last position"), panels=study.tasks), table,
+                 FIG_TO_LAST)
     study.explore(TO_LAST_FLOWS)
 """
 
@@ -76,7 +77,7 @@ class Study:
         engine: str = "fast",
         device: str = "cpu",
         dtype: str = "float32",
-        out_dir: str = "../figures",
+        out_dir: str = "../results/figures",
         cache_dir: str = "../results",
         smoke: bool = False,
         inputs: str | None = None,
@@ -128,7 +129,7 @@ class Study:
         )
         return (
             f"{self.run.name}: {self.n_layers} layers, window k={self.k}, {len(self.examples)} examples "
-            f"({counts}) from {self.data}"
+            f"({counts}) from {self.data}; inputs={self.run.inputs!r}, keep={self.keep!r}"
         )
 
     def title(self, what: str) -> str:

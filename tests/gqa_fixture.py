@@ -73,6 +73,14 @@ ROWS = {
             [("car", (100, 40, 50, 30)), ("carpet", (0, 60, 60, 30))],
             (160, 100),
         ),
+        (  # a repeated object name, as in GQA's "the other car"
+            "Is the car on the left or on the right of the other car?",
+            "right",
+            "right",
+            "left",
+            [("car", (10, 40, 40, 20)), ("car", (110, 40, 40, 20))],
+            (160, 100),
+        ),
     ],
     "CompareAttr": [
         (

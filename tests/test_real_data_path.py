@@ -35,6 +35,9 @@ def test_check_data_reports_every_row(gqa, tiny_dirs, capsys):
     assert located["ChooseRel 2"] == "skateboard: exact; skateboarder: exact"
     assert located["CompareAttr 2"] == "man: irregular plural; woman: irregular plural"
     assert located["LogicalObj 4"] == "door: plural; window: plural"
+    assert located["ChooseRel 6"] == "car: exact"  # a repeated name: one group, no crash
+    repeated = rows[rows.location.str.endswith("ChooseRel.csv line 6")].iloc[0]
+    assert repeated.usable and repeated.options == "or-slot" and repeated.related > 0
     table = summary(rows)
     assert table.set_index("task").loc["ChooseCat", "options in slot"] == "1/1"
     assert main(["--model", str(tiny_dirs["llava"]), "--data", str(csvs), "--images", str(images)]) == 1

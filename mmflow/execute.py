@@ -42,7 +42,7 @@ def notebook_parameters(args: argparse.Namespace, declared: list[str], relative_
         if given.get(name) and not (name == "data" and given[name] == "shapes"):
             given[name] = place(given[name])
     model = given.get("model", "")
-    if model.startswith((".", "/", "~")) or Path(model).expanduser().exists():  # a local folder, not a hub id
+    if model and (model.startswith((".", "/", "~")) or Path(model).expanduser().exists()):  # a folder, not a hub id
         given["model"] = place(given["model"])
     if "n_per_task" in given:
         text = given["n_per_task"].strip()

@@ -24,7 +24,7 @@ OVERVIEW  := $(filter %_overview.ipynb,$(RUNS))
 ANALYSES  := $(filter-out $(OVERVIEW),$(RUNS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-browser lint format lab reproduce report check-data bench toy-model toy-eval clean FORCE
+.PHONY: help venv test test-browser lint format lab reproduce sweep report check-data bench toy-model toy-eval clean FORCE
 
 help: ## list the targets
 	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=... INPUTS=... KEEP=...]"
@@ -67,6 +67,12 @@ $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
 	  --dtype "$(DTYPE)" --n "$(N)" --out-dir "$(OUT)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)"
 
 $(OVERVIEW): $(ANALYSES) # the overview reads the figures' CSVs the analyses write
+
+NPROC ?= 2
+sweep: $(STAMP) ## every analysis the notebooks need, split across NPROC processes (Accelerate), into CACHE
+	$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no \
+	  --dynamo_backend no -m mmflow.sweep --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --n "$(N)" \
+	  --dtype "$(DTYPE)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)"
 
 REPORT ?= results/report
 report: $(RUNS) ## HTML report of the executed notebooks (code hidden, figures inline) -> REPORT/index.html

@@ -70,7 +70,7 @@ from mmflow.paper import (
 )
 from mmflow.patches import NEITHER, OTHER, RELATED, image_token_labels, patch_groups
 from mmflow.runs import KEEP, Run, greedy_answer
-from mmflow.study import Study
+from mmflow.study import ANALYSES, Study
 from mmflow.tables import accuracy_table, example_table, wrong_answers
 from mmflow.widgets import KnockoutExplorer, LensExplorer
 
@@ -96,6 +96,6 @@ __all__ = [
     "FIG_CASING_PER_TASK", "FIG_OVERVIEW", "NOTEBOOK_FIGURES", "COLORS", "curve_table", "plot_curves", "save_figure",
     "largest_drop", "mean_over_tasks", "describe_curves", "plot_patch_overlay", "record_provenance", "read_manifest",
     "check_provenance", "findings", "Verdict",
-    "verdict_table", "verdict_markdown", "Study", "KnockoutExplorer", "LensExplorer",
+    "verdict_table", "verdict_markdown", "Study", "ANALYSES", "KnockoutExplorer", "LensExplorer",
 ]
 # fmt: on

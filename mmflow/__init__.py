@@ -22,8 +22,8 @@ widgets    the knockout and logit-lens explorers
 study      :class:`Study`, what every notebook shares
 =========  ===========================================================================================
 
-Commands behind ``make``: ``execute`` (``make reproduce``, one notebook), ``lab`` (``make lab``), ``report``
-(``make report``), ``check_data`` (``make check-data``).
+Commands behind ``make``: ``execute`` (``make reproduce``, one notebook), ``sweep`` (``make sweep``, Accelerate),
+``lab`` (``make lab``), ``report`` (``make report``), ``check_data`` (``make check-data``).
 
 Notebooks import the facade ``mmflow_utils``; tests of internals import the submodules.
 """

@@ -122,19 +122,25 @@ def interactive_frontend() -> bool:
 PROGRESS_ENV = "MMFLOW_PROGRESS"
 
 
-def _progress_bar():
-    """A widget progress bar in a live notebook; under ``make reproduce`` a text one (every 2 s, with its ETA) in the
-    file that the terminal shows (not in the executed notebook); else a text one on stderr."""
+def _progress_stream():
+    """Where text progress goes outside a live notebook: the file ``make reproduce`` shows in the terminal, or
+    stderr; None in a live notebook (a widget bar instead)."""
+    if interactive_frontend():
+        return None
+    path = os.environ.get(PROGRESS_ENV)
+    return open(path, "a", buffering=1) if path else sys.stderr  # noqa: SIM115 - written to until the run ends
+
+
+def _progress_bar(stream):
+    """A widget progress bar in a live notebook, else a text one on ``stream`` (every 2 s, with its ETA)."""
     from functools import partial
 
-    if interactive_frontend():
+    if stream is None:
         from tqdm.auto import tqdm
 
         return tqdm
     from tqdm.std import tqdm
 
-    path = os.environ.get(PROGRESS_ENV)
-    stream = open(path, "a", buffering=1) if path else sys.stderr  # noqa: SIM115 - tqdm writes to it until done
     return partial(tqdm, file=stream, mininterval=2.0, dynamic_ncols=False, ncols=90)
 
 
@@ -153,14 +159,21 @@ def run_cached(
     Returns:
         This shard's results; :func:`merge_cached` collects all shards.
     """
-    progress = _progress_bar()
-
+    stream = _progress_stream()
     cache = ResultCache(cache_dir, key)
-    results = []
-    for example in progress(shard_of(examples, shard), desc=desc, leave=False):
+    results, computed = [], 0
+    for example in _progress_bar(stream)(shard_of(examples, shard), desc=desc, leave=False):
         digest = example.digest()
         result = cache.read(digest)
-        results.append(result if result is not None else cache.write(digest, compute(example)))
+        if result is None:
+            result, computed = cache.write(digest, compute(example)), computed + 1
+        results.append(result)
+    if stream is not None:  # measured and printed: after `make sweep`, `make reproduce` computes nothing
+        print(
+            f"{desc}: {computed} of {len(results)} examples computed, {len(results) - computed} from the cache",
+            file=stream,
+            flush=True,
+        )
     return results
 
 

@@ -22,16 +22,31 @@ import pandas as pd
 from mmflow.data import EMBEDDED_DATA, Example, load_examples
 from mmflow.engines import ENGINES
 from mmflow.errors import MmflowError
-from mmflow.figures import record_provenance, save_figure, stable_table
+from mmflow.figures import (
+    FIG_CASING,
+    FIG_IMAGE_TO_QUESTION,
+    FIG_PATCH_GROUPS,
+    FIG_TO_LAST,
+    record_provenance,
+    save_figure,
+    stable_table,
+)
 from mmflow.inputs import Encoded, resolve_inputs
 from mmflow.knockout import check_window
 from mmflow.models import LlavaModel, check_dtype_device
-from mmflow.paper import TASKS, Flow, default_window
+from mmflow.paper import IMAGE_TO_QUESTION, PATCH_FLOWS, TASKS, TO_LAST_FLOWS, Flow, default_window
 from mmflow.runs import Run, check_keep
 from mmflow.tables import example_table, wrong_answers
 
 #: Questions per task in a smoke run (the tests' quick pass through every notebook).
 SMOKE_PER_TASK = 2
+#: What each analysis notebook computes, by its figure: ``(kind, flows)``. ``make sweep`` computes exactly these.
+ANALYSES = {
+    FIG_TO_LAST: ("knockout", TO_LAST_FLOWS),
+    FIG_IMAGE_TO_QUESTION: ("knockout", (IMAGE_TO_QUESTION,)),
+    FIG_PATCH_GROUPS: ("knockout", PATCH_FLOWS),
+    FIG_CASING: ("lens", ()),
+}
 
 
 def _check_params(
@@ -164,6 +179,11 @@ class Study:
         """Knockout sweeps over the kept examples (cached); shows and saves the per-task table as
         ``<name>_examples.csv``. An empty result is shown, not raised, so the notebook still writes its figure."""
         return self._account(*self.run.knockout(self.examples, flows, self.k, self.engine, keep=self.keep), name)
+
+    def analyse(self, name: str) -> pd.DataFrame:
+        """The analysis of figure ``name`` as :data:`ANALYSES` declares it (what ``make sweep`` precomputes)."""
+        kind, flows = ANALYSES[name]
+        return self.knockout(flows, name) if kind == "knockout" else self.lens(name)
 
     def lens(self, name: str) -> pd.DataFrame:
         """Logit-lens rows of the kept examples (cached); shows and saves the per-task table (see :meth:`knockout`)."""

@@ -258,3 +258,56 @@ def test_make_reproduce_shows_progress_in_the_terminal_not_in_the_notebook(tmp_p
     assert "knockout:" in done.stderr and "/6 [" in done.stderr  # per-example progress with its counts and ETA
     streams = [o["text"] for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []) if "text" in o]
     assert not any("knockout:" in "".join(text) for text in streams)
+
+
+def test_sweep_in_two_processes_equals_one_and_leaves_nothing_to_compute(tmp_path):
+    """make sweep NPROC=2 (Accelerate, gloo on CPU) writes byte for byte the cache one process writes; a following
+    notebook run computes no example (it says so in the terminal)."""
+    import subprocess
+    import sys
+
+    venv = Path(sys.executable).parent
+    common = ["-m", "mmflow.sweep", "--n", "1"]
+    subprocess.run([sys.executable, *common, "--cache-dir", str(tmp_path / "one")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(venv / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *common,
+            "--cache-dir",
+            str(tmp_path / "two"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    one = {p.relative_to(tmp_path / "one"): p.read_bytes() for p in (tmp_path / "one").rglob("*.json")}
+    two = {p.relative_to(tmp_path / "two"): p.read_bytes() for p in (tmp_path / "two").rglob("*.json")}
+    assert len(one) == 6 * (1 + len(mu.ANALYSES)) and one == two  # answers + every analysis, identical bytes
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmflow.execute",
+            str(NOTEBOOKS / "1_to_last_flow.ipynb"),
+            str(tmp_path / "nb.ipynb"),
+            "--n",
+            "1",
+            "--out-dir",
+            str(tmp_path / "figures"),
+            "--cache-dir",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "knockout: 0 of 6 examples computed, 6 from the cache" in done.stderr

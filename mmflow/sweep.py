@@ -1,0 +1,71 @@
+"""Every analysis the notebooks need, split across processes with Hugging Face Accelerate, into the shared results
+cache: ``make sweep NPROC=2 [MODEL=... DATA=... IMAGES=...]``, then ``make reproduce`` renders from the cache.
+
+Each process (``accelerate launch``; on CPU the gloo backend) takes shard ``i`` of ``n`` of the examples, on its own
+device, and writes one file per example; the files are what a single process would write (tested byte for byte).
+The analyses are :data:`mmflow.study.ANALYSES`, the same declaration the notebooks run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from mmflow.errors import MmflowError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run this process's shard of every analysis; the main process prints what was computed."""
+    from accelerate import PartialState
+
+    from mmflow.data import load_examples
+    from mmflow.paper import default_window
+    from mmflow.runs import Run
+    from mmflow.study import ANALYSES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="shapes-llava")
+    parser.add_argument("--data", default="shapes")
+    parser.add_argument("--images", default="")
+    parser.add_argument("--n", default="", help="questions per task (empty or 0: the default)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--cache-dir", default="results")
+    parser.add_argument("--inputs", default="")
+    parser.add_argument("--keep", default="")
+    parser.add_argument("--engine", default="fast")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    args = parser.parse_args(argv)
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes, NCCL on GPUs
+    torch.set_num_threads(args.threads)
+    device = "cpu" if state.device.type == "cpu" else str(state.device)
+    shard = (state.process_index, state.num_processes)
+    keep = args.keep or "correct"
+    try:
+        if args.n.strip() not in ("", "0") and not args.n.strip().isdigit():
+            raise MmflowError(f"N must be a non-negative integer (0 or empty: the default), got {args.n!r}")
+        n = int(args.n) if args.n.strip() not in ("", "0") else None
+        run = Run.load(
+            args.model, device=device, dtype=args.dtype, cache_dir=args.cache_dir, inputs=args.inputs or None
+        )
+        examples = load_examples(args.data, args.images or None, n=n)
+        k = default_window(run.n_layers)
+        for name, (kind, flows) in ANALYSES.items():
+            if kind == "knockout":
+                run.knockout(examples, flows, k, args.engine, shard=shard, keep=keep)
+            else:
+                run.lens(examples, shard=shard, keep=keep)
+            if state.is_main_process:
+                print(f"sweep: {name} done on shard 0 of {state.num_processes}", flush=True)
+    except MmflowError as err:
+        print(f"make sweep: {err}", file=sys.stderr)
+        return 2
+    state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"sweep: {len(examples)} examples x {len(ANALYSES)} analyses in {state.num_processes} processes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

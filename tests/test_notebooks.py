@@ -31,6 +31,27 @@ def execute(name: str, out: Path, **parameters) -> None:
     )
 
 
+def make_reproduce_one(name: str, executed: Path, cache_dir: Path, out_dir: Path):
+    """What make reproduce runs for one notebook, with N=1; returns the finished process (stderr captured)."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "mmflow.execute",
+        str(NOTEBOOKS / f"{name}.ipynb"),
+        str(executed),
+        "--n",
+        "1",
+        "--out-dir",
+        str(out_dir),
+        "--cache-dir",
+        str(cache_dir),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, check=True)
+
+
 def test_notebooks_and_figures_are_one_list():
     """Every notebook source is in the figure map and notebook N writes figN_* (the Makefile globs the same folder)."""
     sources = sorted(p.stem for p in NOTEBOOKS.glob("[0-9]*_*.ipynb"))
@@ -233,28 +254,8 @@ def test_report_is_offline_with_every_notebook(executed, tmp_path):
 
 
 def test_make_reproduce_shows_progress_in_the_terminal_not_in_the_notebook(tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "nb.ipynb"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mmflow.execute",
-            str(NOTEBOOKS / "2_image_to_question.ipynb"),
-            str(out),
-            "--n",
-            "1",
-            "--out-dir",
-            str(tmp_path / "figures"),
-            "--cache-dir",
-            str(tmp_path / "results"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    done = make_reproduce_one("2_image_to_question", out, tmp_path / "results", tmp_path / "figures")
     assert "knockout:" in done.stderr and "/6 [" in done.stderr  # per-example progress with its counts and ETA
     streams = [o["text"] for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []) if "text" in o]
     assert not any("knockout:" in "".join(text) for text in streams)
@@ -292,22 +293,5 @@ def test_sweep_in_two_processes_equals_one_and_leaves_nothing_to_compute(tmp_pat
     one = {p.relative_to(tmp_path / "one"): p.read_bytes() for p in (tmp_path / "one").rglob("*.json")}
     two = {p.relative_to(tmp_path / "two"): p.read_bytes() for p in (tmp_path / "two").rglob("*.json")}
     assert len(one) == 6 * (1 + len(mu.ANALYSES)) and one == two  # answers + every analysis, identical bytes
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mmflow.execute",
-            str(NOTEBOOKS / "1_to_last_flow.ipynb"),
-            str(tmp_path / "nb.ipynb"),
-            "--n",
-            "1",
-            "--out-dir",
-            str(tmp_path / "figures"),
-            "--cache-dir",
-            str(tmp_path / "two"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    done = make_reproduce_one("1_to_last_flow", tmp_path / "nb.ipynb", tmp_path / "two", tmp_path / "figures")
     assert "knockout: 0 of 6 examples computed, 6 from the cache" in done.stderr

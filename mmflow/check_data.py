@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from mmflow.data import iter_gqa
+from mmflow.data import iter_gqa, parse_n
 from mmflow.errors import MmflowError
 from mmflow.inputs import encode_example, resolve_inputs
 from mmflow.models import load_processor
@@ -126,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write every row's record to this CSV")
     args = parser.parse_args(argv)
     try:
-        if args.n.strip() not in ("", "0") and not args.n.strip().isdigit():
-            raise MmflowError(f"N must be a non-negative integer, got {args.n!r}")
-        n = int(args.n) if args.n.strip() not in ("", "0") else None
-        rows = check_rows(args.model, args.data, args.images, n=n, inputs=args.inputs or None)
+        rows = check_rows(args.model, args.data, args.images, n=parse_n(args.n), inputs=args.inputs or None)
     except MmflowError as err:
         print(f"check-data: {err}", file=sys.stderr)
         return 2

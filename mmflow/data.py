@@ -289,6 +289,26 @@ def load_shapes(
     return [example_from_row(row, row["task"], f"shapes row {i}", image=row["image"]) for i, row in enumerate(dataset)]
 
 
+def parse_n(text: str) -> int | None:
+    """The ``N`` of ``make`` (questions per task): empty or ``0`` means the default (None).
+
+    Raises:
+        MmflowError: naming ``N`` for anything but a non-negative integer.
+
+    Example:
+        >>> parse_n(""), parse_n("0"), parse_n(" 7 ")
+        (None, None, 7)
+    """
+    text = str(text).strip()
+    if text in ("", "0"):
+        return None
+    if not text.isdigit():
+        raise MmflowError(
+            f"N (questions per task) must be a non-negative integer (0 or empty: the default), got {text!r}"
+        )
+    return int(text)
+
+
 def load_examples(
     data: str = EMBEDDED_DATA,
     images: str | None = None,

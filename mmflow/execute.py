@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nbformat
 
+from mmflow.data import parse_n
 from mmflow.errors import MmflowError
 
 #: Options whose values are paths, made absolute against the caller's directory.
@@ -45,15 +46,7 @@ def notebook_parameters(args: argparse.Namespace, declared: list[str], relative_
     if model and (model.startswith((".", "/", "~")) or Path(model).expanduser().exists()):  # a folder, not a hub id
         given["model"] = place(given["model"])
     if "n_per_task" in given:
-        text = given["n_per_task"].strip()
-        if text == "0":
-            given["n_per_task"] = None
-        elif text.isdigit():
-            given["n_per_task"] = int(text)
-        else:
-            raise MmflowError(
-                f"N (questions per task) must be a non-negative integer (0 or empty: the default), got {text!r}"
-            )
+        given["n_per_task"] = parse_n(given["n_per_task"])
     return {name: value for name, value in given.items() if name in declared}
 
 

@@ -176,8 +176,12 @@ def encode(
     if not question or q_start < 0:
         raise MmflowError(f"Question {question!r} not found in the prompt {prompt!r}")
     q_span = (q_start, q_start + len(question))
-    view = model_view(image.convert("RGB"), processor, config, inputs) if inputs == "paper" else image.convert("RGB")
-    batch = processor(images=view, text=prompt, return_offsets_mapping=True, return_tensors="pt")
+    batch = processor(
+        images=model_view(image.convert("RGB"), processor, config, inputs),
+        text=prompt,
+        return_offsets_mapping=True,
+        return_tensors="pt",
+    )
     offsets_t = batch.pop("offset_mapping")[0]
     ids = batch["input_ids"][0]
     image_pos = (ids == processor.image_token_id).nonzero().flatten().tolist()

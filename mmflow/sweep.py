@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run this process's shard of every analysis; the main process prints what was computed."""
     from accelerate import PartialState
 
-    from mmflow.data import load_examples
+    from mmflow.data import load_examples, parse_n
     from mmflow.paper import default_window
     from mmflow.runs import Run
     from mmflow.study import ANALYSES
@@ -43,13 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     shard = (state.process_index, state.num_processes)
     keep = args.keep or "correct"
     try:
-        if args.n.strip() not in ("", "0") and not args.n.strip().isdigit():
-            raise MmflowError(f"N must be a non-negative integer (0 or empty: the default), got {args.n!r}")
-        n = int(args.n) if args.n.strip() not in ("", "0") else None
         run = Run.load(
             args.model, device=device, dtype=args.dtype, cache_dir=args.cache_dir, inputs=args.inputs or None
         )
-        examples = load_examples(args.data, args.images or None, n=n)
+        examples = load_examples(args.data, args.images or None, n=parse_n(args.n))
         k = default_window(run.n_layers)
         for name, (kind, flows) in ANALYSES.items():
             if kind == "knockout":

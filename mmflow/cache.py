@@ -146,13 +146,14 @@ def _progress_bar(stream):
 
 def run_cached(
     examples: Sequence[Example],
-    compute: Callable[[Example], dict[str, Any]],
+    compute: Callable[[Example, str], dict[str, Any]],
     cache_dir: str | Path,
     key: str,
     shard: tuple[int, int] = (0, 1),
     desc: str = "examples",
 ) -> list[dict[str, Any]]:
-    """Run ``compute`` on each example of the shard, caching each result (see the module docstring).
+    """Run ``compute(example, digest)`` on each example of the shard not cached yet, caching each result (see the
+    module docstring); the digest is computed once per example and handed on.
 
     Cached examples are skipped, so an interrupted run resumes where it stopped and gives identical results.
 
@@ -166,7 +167,7 @@ def run_cached(
         digest = example.digest()
         result = cache.read(digest)
         if result is None:
-            result, computed = cache.write(digest, compute(example)), computed + 1
+            result, computed = cache.write(digest, compute(example, digest)), computed + 1
         results.append(result)
     if stream is not None:  # measured and printed: after `make sweep`, `make reproduce` computes nothing
         print(
@@ -174,6 +175,8 @@ def run_cached(
             file=stream,
             flush=True,
         )
+        if stream is not sys.stderr:
+            stream.close()  # the progress file opened for this run
     return results
 
 

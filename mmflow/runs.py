@@ -140,12 +140,11 @@ class Run:
             self.processor, example, self.device, getattr(torch, self.dtype), self.model, self.inputs, patches=patches
         )
 
-    def _check(self, example: Example, encoded: Encoded) -> dict[str, Any]:
+    def _check(self, example: Example, encoded: Encoded, digest: str) -> dict[str, Any]:
         """The example's status with the model's greedy answer, generated once per (model, dtype, inputs) and
         example, and shared by every analysis through the cache."""
         key = config_key(kind="answer", model=self.fingerprint, dtype=self.dtype, inputs=self.inputs)
         cache = ResultCache(self.cache_dir, f"answers-{key}")
-        digest = example.digest()
         answer = cache.read(digest)
         if answer is None:
             predicted = greedy_answer(self.model, self.processor, encoded).strip()
@@ -158,13 +157,13 @@ class Run:
             "located": encoded.located,
         }
 
-    def _encode_or_record(self, example: Example, patches: bool) -> tuple[Encoded | None, dict[str, Any]]:
+    def _encode_or_record(self, example: Example, digest: str, patches: bool) -> tuple[Encoded | None, dict[str, Any]]:
         """The example's encoding and status; an example that cannot be encoded is recorded with the reason."""
         try:
             encoded = self.encode(example, patches)
         except MmflowError as err:
             return None, {**_status(example), "predicted": None, "correct": False, "error": str(err), "located": {}}
-        return encoded, self._check(example, encoded)
+        return encoded, self._check(example, encoded, digest)
 
     def knockout(
         self,
@@ -213,8 +212,8 @@ class Run:
                 "(e.g. 'central object x/y/w/h'), which the patch flows need"
             )
 
-        def compute(example: Example) -> dict[str, Any]:
-            encoded, status = self._encode_or_record(example, patches)
+        def compute(example: Example, digest: str) -> dict[str, Any]:
+            encoded, status = self._encode_or_record(example, digest, patches)
             if encoded is None:
                 return {**status, "skipped_flows": [], "rows": []}
             skipped = [name for name, f in zip(names, flows) if has_empty_group(f, encoded.groups)]
@@ -243,8 +242,8 @@ class Run:
         key = "lens-" + config_key(kind="lens", model=self.fingerprint, dtype=self.dtype, inputs=self.inputs, keep=keep)
         tok = self.processor.tokenizer
 
-        def compute(example: Example) -> dict[str, Any]:
-            encoded, status = self._encode_or_record(example, False)
+        def compute(example: Example, digest: str) -> dict[str, Any]:
+            encoded, status = self._encode_or_record(example, digest, False)
             rows = []
             if encoded is not None and (status["correct"] or keep == "all"):
                 tokens = {token_label(ANSWER, form): tid for form, tid in answer_token_ids(tok, example.answer).items()}

@@ -16,8 +16,9 @@ Where each name lives: see the module map in :mod:`mmflow`.
 from mmflow import findings
 from mmflow.cache import merge_cached, shard_of
 from mmflow.data import DEFAULT_SHAPES_PER_TASK, EMBEDDED_DATA, Example, load_examples, load_gqa, load_shapes
-from mmflow.engines import ENGINES, BlockMask, Clean, Knockout, block_mask, clean_run, knockout_attention
+from mmflow.engines import ENGINES, BlockMask, Knockout, block_mask, knockout_attention
 from mmflow.errors import MmflowError
+from mmflow.fast import Clean, clean_run
 from mmflow.figures import (
     COLORS,
     FIG_CASING,

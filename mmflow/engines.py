@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from mmflow.errors import MmflowError
+from mmflow.fast import Clean, fast_sweep
 from mmflow.inputs import Encoded
 from mmflow.models import LlavaModel, eager_attention, family_of
 
@@ -70,7 +71,9 @@ def _merge_block(attention_mask: torch.Tensor | None, block: BlockMask, q_len: i
 
 
 def _make_knockout_attention(base: Callable) -> Callable:
-    def attention(module, query, key, value, attention_mask, knockout: Knockout | None = None, **kwargs):
+    def attention(module, query, key, value, attention_mask, knockout: Knockout | None = None, copies=None, **kwargs):
+        if copies is not None:  # the fast engine's suffix copies (mmflow.fast.SuffixCopies) compute this layer
+            return copies(module, query, key, value, kwargs.get("scaling") or module.scaling)
         block = knockout.get(getattr(module, "layer_idx", None)) if knockout is not None else None
         if block is not None:
             attention_mask = _merge_block(attention_mask, block, query.shape[-2], key.shape[-2])
@@ -113,117 +116,25 @@ def knockout_attention(model: LlavaModel) -> Iterator[str]:
         model.set_attn_implementation({"text_config": previous})
 
 
-@dataclass
-class Clean:
-    """The clean run of one example: the answer token, its probability and what the fast engine reuses."""
-
-    answer_token: int
-    p_base: float
-    cache: Any = None
-    embeds: torch.Tensor | None = None
-
-
-def clean_run(model: LlavaModel, encoded: Encoded, keep_cache: bool = False) -> Clean:
-    """One forward without knockout; the answer is the greedy first token at the last position."""
-    out = model(**encoded.inputs, use_cache=keep_cache, output_hidden_states=keep_cache, logits_to_keep=1)
-    logits = out.logits[0, -1].float()
-    answer = int(logits.argmax())
-    p_base = float(torch.softmax(logits, -1)[answer])
-    if keep_cache:
-        return Clean(answer, p_base, out.past_key_values, out.hidden_states[0])
-    return Clean(answer, p_base)
-
-
 def naive_sweep(
     model: LlavaModel,
     encoded: Encoded,
     clean: Clean,
     base: str,
-    sources: list[int],
-    targets: list[int],
+    flows: Sequence[tuple[list[int], list[int]]],
     windows: Sequence[range],
-    token_budget: int,
-) -> list[float]:
-    """The paper's method: one full forward (vision tower included) per window."""
+    token_budget: int | None,
+) -> list[list[float]]:
+    """The paper's method: one full forward (vision tower included) per flow and window."""
     n = encoded.length
-    block = block_mask([(targets, sources)], n, n, model.device)
     probs = []
-    for layers in windows:
-        out = model(**encoded.inputs, use_cache=False, logits_to_keep=1, knockout=Knockout({j: block for j in layers}))
-        probs.append(float(torch.softmax(out.logits[0, -1].float(), -1)[clean.answer_token]))
-    return probs
-
-
-def _crop_to(cache: Any, length: int) -> None:
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
-def fast_sweep(
-    model: LlavaModel,
-    encoded: Encoded,
-    clean: Clean,
-    base: str,
-    sources: list[int],
-    targets: list[int],
-    windows: Sequence[range],
-    token_budget: int,
-) -> list[float]:
-    """Exact KV-reuse sweep: a knockout whose targets start at t0 changes nothing before t0, so the clean prefix
-    K/V are reused and only the suffix [t0, N) is recomputed, for G windows at once laid out as G copies of the
-    suffix along the sequence (same position ids; a 4D mask lets each copy see the prefix and itself only)."""
-    n = clean.embeds.shape[1]
-    t0 = min(targets)
-    s = n - t0
-    if clean.cache.get_seq_length() < t0:
-        raise MmflowError(
-            f"The clean cache holds {clean.cache.get_seq_length()} positions, fewer than t0={t0}: "
-            "it was cropped by an earlier sweep; pass a fresh clean_run"
-        )
-    _crop_to(clean.cache, t0)
-    suffix = clean.embeds[:, t0:]
-    g_max = len(windows) if s == 1 else max(1, min(len(windows), token_budget // s))
-    probs: list[float] = []
-    for start in range(0, len(windows), g_max):
-        chunk = windows[start : start + g_max]
-        g = len(chunk)
-        q_len, kv_len = g * s, t0 + g * s
-        allowed = torch.zeros(1, 1, q_len, kv_len, dtype=torch.bool, device=suffix.device)
-        allowed[..., :t0] = True
-        causal = torch.ones(s, s, dtype=torch.bool, device=suffix.device).tril()
-        rows_of, cols_of = [], []
-        for w in range(g):
-            allowed[0, 0, w * s : (w + 1) * s, t0 + w * s : t0 + (w + 1) * s] = causal
-            rows_of.append([w * s + (t - t0) for t in targets])
-            cols_of.append([c if c < t0 else t0 + w * s + (c - t0) for c in sources])
-        blocks = {
-            layer: block_mask(
-                [(rows_of[w], cols_of[w]) for w, layers in enumerate(chunk) if layer in layers],
-                q_len,
-                kv_len,
-                suffix.device,
-            )
-            for layer in sorted({j for layers in chunk for j in layers})
-        }
-        mask = (
-            allowed
-            if base == "sdpa"
-            else torch.zeros(allowed.shape, dtype=suffix.dtype, device=suffix.device).masked_fill(
-                ~allowed, torch.finfo(suffix.dtype).min
-            )
-        )
-        out = model(
-            inputs_embeds=suffix.repeat(1, g, 1),
-            position_ids=(t0 + torch.arange(s, device=suffix.device)).repeat(g)[None],
-            attention_mask=mask,
-            past_key_values=clean.cache,
-            use_cache=True,
-            logits_to_keep=torch.arange(g, device=suffix.device) * s + s - 1,
-            knockout=Knockout(blocks),
-        )
-        _crop_to(clean.cache, t0)
-        probs.extend(torch.softmax(out.logits[0].float(), -1)[:, clean.answer_token].tolist())
+    for sources, targets in flows:
+        block = block_mask([(targets, sources)], n, n, model.device)
+        probs.append([])
+        for layers in windows:
+            knockout = Knockout({j: block for j in layers})
+            out = model(**encoded.inputs, use_cache=False, logits_to_keep=1, knockout=knockout)
+            probs[-1].append(float(torch.softmax(out.logits[0, -1].float(), -1)[clean.answer_token]))
     return probs
 
 
@@ -231,20 +142,25 @@ def fast_sweep(
 class Engine:
     """A knockout engine.
 
-    ``sweep(model, encoded, clean, base, sources, targets, windows, token_budget) -> p_new per window``, where
-    ``clean`` is a :func:`clean_run` (with its KV cache if ``needs_cache``), ``base`` the attention
-    implementation yielded by :func:`knockout_attention`, and each window a range of layers in which the
-    targets' attention to the sources is cut.
+    ``sweep(model, encoded, clean, base, flows, windows, token_budget) -> p_new[flow][window]``, where
+    ``clean`` is a :func:`~mmflow.fast.clean_run` (with its KV cache if ``needs_cache``), ``base`` the attention
+    implementation yielded by :func:`knockout_attention`, ``flows`` a list of ``(sources, targets)`` positions
+    and each window a range of layers in which the targets' attention to the sources is cut.
     """
 
-    sweep: Callable[..., list[float]]
+    sweep: Callable[..., list[list[float]]]
     needs_cache: bool
     description: str
 
 
 #: Knockout engines by name; results agree within 1e-5 in fp32 (tested).
 ENGINES: dict[str, Engine] = {
-    "fast": Engine(fast_sweep, True, "exact KV reuse: only positions from the first target on are recomputed"),
+    "fast": Engine(
+        fast_sweep,
+        True,
+        "exact reuse of the clean run: only the positions from the first target on and the layers from the window "
+        "on are recomputed",
+    ),
     "naive": Engine(naive_sweep, False, "the paper's method: one full forward per window"),
 }
 

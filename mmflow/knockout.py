@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 import torch
 
-from mmflow.engines import Clean, clean_run, get_engine, knockout_attention
+from mmflow.engines import get_engine, knockout_attention
 from mmflow.errors import MmflowError
+from mmflow.fast import Clean, clean_run
 from mmflow.inputs import Encoded
 from mmflow.models import LlavaModel, num_layers
 from mmflow.paper import FLOWS, Flow, default_window, flow_name, flow_parts, window_layers
@@ -94,7 +95,7 @@ def knockout_sweep(
     window: int | None = None,
     engine: str = "fast",
     layers: Sequence[int] | None = None,
-    token_budget: int = 256,
+    token_budget: int | None = None,
     clean: Clean | None = None,
 ) -> pd.DataFrame:
     """Knock out each flow in a window of ``window`` layers centred on every layer (or on ``layers``).
@@ -106,7 +107,8 @@ def knockout_sweep(
         window: window size k; None: :func:`~mmflow.paper.default_window` of the model's depth.
         engine: a name in :data:`~mmflow.engines.ENGINES` (``"fast"`` or ``"naive"``; same results).
         layers: centre layers (default: every layer).
-        token_budget: the fast engine's tokens per batched forward.
+        token_budget: the fast engine's most tokens per batched forward; None: what fits in a quarter of the
+            device's free memory (:func:`~mmflow.engines.device_token_budget`).
         clean: a :func:`~mmflow.engines.clean_run` to reuse (with ``keep_cache=True`` for the fast engine).
 
     Returns:
@@ -128,11 +130,13 @@ def knockout_sweep(
     resolved = [(flow_name(flow), flow_positions(flow, encoded.groups, encoded.length)) for flow in flows]
     rows = []
     with torch.inference_mode(), knockout_attention(model) as base:
-        clean = clean or clean_run(model, encoded, keep_cache=sweep.needs_cache)
-        # crops only ever shrink the cache: process flows by decreasing first target
-        for name, (sources, targets) in sorted(resolved, key=lambda item: -min(item[1][1])):
-            probs = sweep.sweep(model, encoded, clean, base, sources, targets, windows, token_budget)
-            for centre, layers_, p_new in zip(centres, windows, probs):
+        keep_from = min(min(targets) for _, (_, targets) in resolved)
+        clean = clean or clean_run(model, encoded, keep_cache=sweep.needs_cache, keep_from=keep_from)
+        probs = sweep.sweep(
+            model, encoded, clean, base, [positions for _, positions in resolved], windows, token_budget
+        )
+        for (name, _), flow_probs in zip(resolved, probs):
+            for centre, layers_, p_new in zip(centres, windows, flow_probs):
                 rows.append(
                     {
                         "flow": name,

@@ -7,6 +7,7 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .model.multi_modal_projector                 2-layer MLP into the language model's embedding space
       .model.language_model                        decoder-only LM (Llama, Mistral, Qwen2 backbones)
         .layers[i].self_attn                       attention of layer i, knows ``layer_idx``  <- knockout
+        .rotary_emb                                rotary position embedding                  <- fast knockout
         .norm                                      final norm                                 <- logit lens
       .lm_head                                     unembedding                                <- logit lens
     LlavaNextForConditionalGeneration              LLaVA-NeXT / 1.6: same hierarchy, plus anyres tiling
@@ -51,6 +52,7 @@ class Family:
     text_model: str = "model.language_model"  #: the decoder-only language model
     layers: str = "layers"  #: decoder layers, relative to the text model
     final_norm: str = "norm"  #: final norm, relative to the text model
+    rotary_embedding: str = "rotary_emb"  #: rotary position embedding, relative to the text model
     #: attention function the knockout wraps when the model runs with eager attention ("module:function")
     eager_attention: str = "transformers.models.llama.modeling_llama:eager_attention_forward"
     #: anyres feature packing (unpadding + newline tokens), None for single-tile families
@@ -309,6 +311,11 @@ def decoder_layers(model: LlavaModel) -> Any:
 def final_norm(model: LlavaModel) -> torch.nn.Module:
     """The language model's final norm (applied before the LM head)."""
     return _attr(text_model(model), family_of(model).final_norm)
+
+
+def rotary_embedding(model: LlavaModel) -> torch.nn.Module:
+    """The language model's rotary position embedding (``(hidden, position_ids) -> (cos, sin)``)."""
+    return _attr(text_model(model), family_of(model).rotary_embedding)
 
 
 def num_layers(model: LlavaModel) -> int:

@@ -63,12 +63,9 @@ def test_empty_knockout_reproduces_clean(loaded, engine):
         clean_probs = model(**enc.inputs).logits[0, -1].softmax(-1)
         with knockout_attention(model) as base:
             clean = mu.clean_run(model, enc, keep_cache=ENGINES[engine].needs_cache)
-            for flow in mu.FLOWS:
-                if flow in mu.PATCH_FLOWS:
-                    continue
-                sources, targets = mu.flow_positions(flow, enc.groups)
-                p_new = ENGINES[engine].sweep(model, enc, clean, base, sources, targets, [range(0)], 256)
-                assert abs(p_new[0] - clean.p_base) < 1e-7
+            flows = [mu.flow_positions(flow, enc.groups) for flow in mu.FLOWS if flow not in mu.PATCH_FLOWS]
+            p_new = ENGINES[engine].sweep(model, enc, clean, base, flows, [range(0)], 256)
+            assert len(p_new) == len(flows) and all(abs(p[0] - clean.p_base) < 1e-7 for p in p_new)
             empty = model(**enc.inputs, knockout=mu.Knockout({})).logits[0, -1].softmax(-1)
     assert abs(clean_probs.max().item() - clean.p_base) < 1e-6
     assert torch.allclose(empty, clean_probs, atol=1e-7, rtol=0)
@@ -209,12 +206,17 @@ def test_answer_token_ids_on_real_tokenizers(loaded):
         assert tok.decode([ids["lowercase"]]).strip() == "left" and tok.decode([ids["Capitalized"]]).strip() == "Left"
 
 
-def test_reused_clean_run_and_overcropped_cache(loaded):
+def test_reused_clean_run_serves_every_flow_in_any_order(loaded):
     model, processor = loaded("llava")
     enc = encoded_example(model, processor)
     with torch.inference_mode():
         clean = mu.clean_run(model, enc, keep_cache=True)
-    reused = mu.knockout_sweep(model, enc, ["Image->Question"], window=3, clean=clean)
-    assert reused.equals(mu.knockout_sweep(model, enc, ["Image->Question"], window=3))
-    with pytest.raises(mu.MmflowError, match="cropped by an earlier sweep"):
-        mu.knockout_sweep(model, enc, ["Image->Last"], window=3, clean=clean)  # its cache now ends at the question
+    for flow in ("Image->Question", "Image->Last", "Image->Question"):  # the clean cache is read, never cut
+        reused = mu.knockout_sweep(model, enc, [flow], window=3, clean=clean)
+        assert reused.equals(mu.knockout_sweep(model, enc, [flow], window=3))
+    with torch.inference_mode():
+        late = mu.clean_run(model, enc, keep_cache=True, keep_from=enc.length - 1)
+    with pytest.raises(mu.MmflowError, match="keeps hidden states from position"):
+        mu.knockout_sweep(model, enc, ["Image->Question"], window=3, clean=late)
+    with pytest.raises(mu.MmflowError, match="token_budget"):
+        mu.knockout_sweep(model, enc, ["Image->Last"], window=3, token_budget=0)

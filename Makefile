@@ -15,6 +15,11 @@ OUT    ?= figures
 CACHE  ?= results
 INPUTS ?=
 KEEP   ?=
+# The fast engine's most suffix tokens per pass (default: what fits in a quarter of the device's free memory).
+TOKEN_BUDGET ?=
+ifneq ($(TOKEN_BUDGET),)
+export MMFLOW_TOKEN_BUDGET := $(TOKEN_BUDGET)
+endif
 
 # Executed copies: the default run's are committed documents (notebooks/executed); other runs keep theirs by OUT.
 EXECUTED  ?= $(if $(filter figures,$(OUT)),notebooks/executed,$(OUT)/executed)
@@ -27,7 +32,7 @@ ANALYSES  := $(filter-out $(OVERVIEW),$(RUNS))
 .PHONY: help venv test test-browser lint format lab reproduce sweep report check-data bench toy-model toy-eval clean FORCE
 
 help: ## list the targets
-	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=... INPUTS=... KEEP=...]"
+	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=... INPUTS=... KEEP=... TOKEN_BUDGET=...]"
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create or refresh .venv from requirements.lock
@@ -81,8 +86,8 @@ report: $(RUNS) ## HTML report of the executed notebooks (code hidden, figures i
 check-data: $(STAMP) ## check DATA + IMAGES against MODEL's config and processor (no weights) before a long run
 	$(PY) -m mmflow.check_data --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --n "$(N)" --inputs "$(INPUTS)"
 
-bench: $(STAMP) ## the knockout engines side by side (speed, memory, agreement)
-	HF_HUB_OFFLINE=1 $(PY) bench/bench.py
+bench: $(STAMP) ## the knockout engines side by side (speed, memory, agreement); DEVICE=cuda: on a GPU, fp32 and fp16
+	HF_HUB_OFFLINE=1 $(PY) bench/bench.py --device "$(DEVICE)"
 
 toy-model: $(STAMP) ## retrain the embedded shapes-llava (resumable)
 	$(PY) -m shapes_world.train

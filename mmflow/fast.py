@@ -131,11 +131,16 @@ class SuffixCopies:
         return torch.cat(out, 1), None
 
 
+#: Environment variable that sets the fast engine's token budget when the call leaves it None (``make ...
+#: TOKEN_BUDGET=n`` exports it).
+TOKEN_BUDGET_ENV = "MMFLOW_TOKEN_BUDGET"
+
+
 def device_token_budget(model: LlavaModel, prefix: int, fraction: float = 0.25, cap: int = 8192) -> int:
     """Most suffix tokens per pass that fit in ``fraction`` of the device's free memory.
 
-    Per token: one layer's activations and its attention scores over the prefix. Rounded down to a power of
-    two (so small changes in free memory do not change the grouping) and capped at ``cap``.
+    Per token: one layer's activations and its float32 attention scores over the prefix. Rounded down to a
+    power of two (so small changes in free memory do not change the grouping) and capped at ``cap``.
     """
     config = model.config.get_text_config()
     if model.device.type == "cuda":
@@ -151,16 +156,23 @@ def device_token_budget(model: LlavaModel, prefix: int, fraction: float = 0.25, 
     return tokens
 
 
-def check_token_budget(token_budget: int | None) -> None:
-    """Raise unless ``token_budget`` is a positive integer or None.
+def token_budget_for(model: LlavaModel, prefix: int, token_budget: int | None) -> int:
+    """``token_budget`` if given, else ``$MMFLOW_TOKEN_BUDGET`` if set, else :func:`device_token_budget`.
 
     Raises:
-        MmflowError: naming the parameter.
+        MmflowError: for a budget that is not a positive integer, naming where it came from.
     """
-    if token_budget is not None and (
-        isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1
-    ):
-        raise MmflowError(f"token_budget must be a positive integer or None (from free memory), got {token_budget!r}")
+    where = "token_budget"
+    if token_budget is None and os.environ.get(TOKEN_BUDGET_ENV, "").strip():
+        where, token_budget = TOKEN_BUDGET_ENV, os.environ[TOKEN_BUDGET_ENV].strip()
+        token_budget = int(token_budget) if token_budget.isdigit() else token_budget
+    if token_budget is None:
+        return device_token_budget(model, prefix)
+    if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
+        raise MmflowError(
+            f"{where} must be a positive integer number of tokens (or unset: from free memory), got {token_budget!r}"
+        )
+    return token_budget
 
 
 def fast_sweep(
@@ -174,9 +186,8 @@ def fast_sweep(
 ) -> list[list[float]]:
     """The fast engine (see the module docstring): every (flow, window) is a copy of the flow's suffix that
     enters the pass at the window's first layer. Copies are packed into passes of at most ``token_budget``
-    suffix tokens (None: :func:`device_token_budget`) in the order of their first layer; a window without
+    suffix tokens (see :func:`token_budget_for`) in the order of their first layer; a window without
     layers leaves ``p_base``. Needs :func:`~mmflow.engines.knockout_attention` around it, like every engine."""
-    check_token_budget(token_budget)
     n_layers, keep_from = num_layers(model), clean.keep_from
     device = clean.hidden.device if clean.hidden is not None else model.device
     late = [min(targets) for _, targets in flows if clean.hidden is None or min(targets) < keep_from]
@@ -191,7 +202,7 @@ def fast_sweep(
         ((f, i) for f in range(len(flows)) for i in range(len(windows)) if starts[i] < n_layers),
         key=lambda job: (starts[job[1]], job[0]),
     )
-    budget = token_budget or device_token_budget(model, min(flow.t0 for flow in prepared))
+    budget = token_budget_for(model, min(flow.t0 for flow in prepared), token_budget)
     probs = [[clean.p_base] * len(windows) for _ in flows]  # a window without layers changes nothing
     while jobs:
         size, taken = 0, 0

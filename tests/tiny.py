@@ -13,7 +13,6 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
-    LlamaConfig,
     LlamaTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -70,7 +69,11 @@ def sentencepiece_tokenizer(folder: Path) -> LlamaTokenizer:
     return tok
 
 
-def _text_config(vocab: int, layers: int, **overrides) -> LlamaConfig:
+def _text_config(vocab: int, layers: int, backbone: str = "llama", **overrides):
+    """A tiny text config of ``backbone`` ("llama", "mistral" or "qwen2": the language models LLaVA checkpoints use)."""
+    import transformers
+
+    config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}[backbone]
     params = dict(
         vocab_size=vocab,
         hidden_size=32,
@@ -82,7 +85,7 @@ def _text_config(vocab: int, layers: int, **overrides) -> LlamaConfig:
         initializer_range=0.1,
     )
     params.update(overrides)
-    return LlamaConfig(**params)
+    return getattr(transformers, config_class)(**params)
 
 
 def _vision_config() -> CLIPVisionConfig:

@@ -1,0 +1,98 @@
+"""The fast engine: layer skipping and suffix copies agree with the paper's method on every supported backbone,
+in any window order and pass size; its token budget and its guard."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from test_knockout import ALL_FLOWS, encoded_example
+
+import mmflow_utils as mu
+from mmflow import fast
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def assert_engines_agree(model, enc, **kwargs):
+    naive = mu.knockout_sweep(
+        model, enc, ALL_FLOWS, engine="naive", **{k: v for k, v in kwargs.items() if k != "token_budget"}
+    )
+    fasts = mu.knockout_sweep(model, enc, ALL_FLOWS, engine="fast", **kwargs)
+    assert naive[["flow", "layer", "window_start", "window_end"]].equals(
+        fasts[["flow", "layer", "window_start", "window_end"]]
+    )
+    assert (naive.p_new - fasts.p_new).abs().max() <= 1e-5
+    assert naive.groupby("flow").rel_change.apply(lambda r: r.abs().max()).min() > 1e-3  # the cuts do something
+    return fasts
+
+
+@pytest.mark.parametrize("backbone", ["mistral", "qwen2"])
+def test_fast_equals_naive_on_other_backbones(tmp_path, backbone):
+    """LLaVA checkpoints come with Llama (1.5, Vicuna, Llama-3), Mistral (1.6) and Qwen2 language models."""
+    folder = tiny.build_tiny(tmp_path / backbone, "llava", backbone=backbone, num_key_value_heads=2)
+    model, processor = mu.load_model(str(folder))
+    assert type(mu.text_model(model)).__name__.lower().startswith(backbone)
+    assert_engines_agree(model, encoded_example(model, processor), window=3)
+
+
+def test_any_window_order_and_pass_size(loaded):
+    model, processor = loaded("llava_next_gqa")
+    enc = encoded_example(model, processor)
+    centres = [5, 0, 3, 3, 1]  # unsorted, repeated: copies enter at their own first layer whatever the order
+    reference = assert_engines_agree(model, enc, window=3, layers=centres)
+    assert reference.groupby("flow").layer.apply(list).map(lambda layers: layers == sorted(centres)).all()
+    for budget in (1, 7, 10_000):  # one copy per pass, a few, all in one pass
+        again = mu.knockout_sweep(model, enc, ALL_FLOWS, window=3, layers=centres, token_budget=budget)
+        assert (again.p_new - reference.p_new).abs().max() <= 1e-6
+
+
+def test_budget_from_free_memory_and_override(loaded, monkeypatch):
+    model, _ = loaded("llava")
+    monkeypatch.delenv(fast.TOKEN_BUDGET_ENV, raising=False)
+    roomy = fast.device_token_budget(model, prefix=600)
+    assert roomy & (roomy - 1) == 0 and 1 <= roomy <= 8192  # a power of two, capped
+    pages = {"SC_AVPHYS_PAGES": 64, "SC_PAGE_SIZE": 4096}  # 256 KiB free
+    monkeypatch.setattr(fast.os, "sysconf", lambda name: pages[name])
+    tight = fast.device_token_budget(model, prefix=600)
+    assert tight == 1 < roomy  # float32 scores of one token over 600 keys already exceed a quarter of it
+    assert fast.token_budget_for(model, 600, None) == tight
+    monkeypatch.setenv(fast.TOKEN_BUDGET_ENV, "48")
+    assert fast.token_budget_for(model, 600, None) == 48 and fast.token_budget_for(model, 600, 5) == 5
+    monkeypatch.setenv(fast.TOKEN_BUDGET_ENV, "lots")
+    with pytest.raises(mu.MmflowError, match="MMFLOW_TOKEN_BUDGET must be a positive integer"):
+        fast.token_budget_for(model, 600, None)
+    with pytest.raises(mu.MmflowError, match="token_budget must be a positive integer"):
+        fast.token_budget_for(model, 600, 2.5)
+
+
+def test_fast_engine_refuses_to_run_outside_the_knockout_attention(loaded):
+    model, processor = loaded("llava")
+    enc = encoded_example(model, processor)
+    with torch.inference_mode():
+        clean = mu.clean_run(model, enc, keep_cache=True)
+        flows = [mu.flow_positions("Image->Last", enc.groups, enc.length)]
+        with pytest.raises(mu.MmflowError, match="only inside knockout_attention"):
+            mu.ENGINES["fast"].sweep(model, enc, clean, "sdpa", flows, [range(0, 2)], None)
+
+
+def test_bench_runs_and_its_engines_agree():
+    """`make bench` on tiny versions of models (a) and (c): the table, the multiply-accumulate ratio, memory and
+    the summary line are printed, and the engines agree within 1e-5."""
+    out = subprocess.run(
+        [sys.executable, "bench/bench.py", "--quick", "--models", "a,c"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    assert "(c) random LLaVA-NeXT anyres geometry" in out and "naive on 3 of 4 windows, scaled" in out
+    assert "multiply-accumulates, naive / fast" in out and "peak memory above the loaded model" in out
+    summary = dict(item.split("=") for item in out.strip().splitlines()[-1].removeprefix("bench: ").split())
+    assert set(summary) == {"to_last_speedup", "image_question_speedup", "example_speedup", "max_abs_diff"}
+    assert float(summary["max_abs_diff"]) <= 1e-5

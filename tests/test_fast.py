@@ -56,7 +56,7 @@ def test_budget_from_free_memory_and_override(loaded, monkeypatch):
     monkeypatch.delenv(fast.TOKEN_BUDGET_ENV, raising=False)
     roomy = fast.device_token_budget(model, prefix=600)
     assert roomy & (roomy - 1) == 0 and 1 <= roomy <= 8192  # a power of two, capped
-    pages = {"SC_AVPHYS_PAGES": 64, "SC_PAGE_SIZE": 4096}  # 256 KiB free
+    pages = {"SC_AVPHYS_PAGES": 16, "SC_PAGE_SIZE": 4096}  # 64 KiB free
     monkeypatch.setattr(fast.os, "sysconf", lambda name: pages[name])
     tight = fast.device_token_budget(model, prefix=600)
     assert tight == 1 < roomy  # float32 scores of one token over 600 keys already exceed a quarter of it

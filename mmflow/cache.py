@@ -131,6 +131,15 @@ def _progress_stream():
     return open(path, "a", buffering=1) if path else sys.stderr  # noqa: SIM115 - written to until the run ends
 
 
+def progress_note(text: str) -> None:
+    """Write a line where progress goes (the terminal of ``make reproduce``, or stderr); nothing in a live notebook."""
+    stream = _progress_stream()
+    if stream is not None:
+        print(text, file=stream, flush=True)
+        if stream is not sys.stderr:
+            stream.close()
+
+
 def _progress_bar(stream):
     """A widget progress bar in a live notebook, else a text one on ``stream`` (every 2 s, with its ETA)."""
     from functools import partial

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -17,7 +17,7 @@ from mmflow.errors import MmflowError
 from mmflow.inputs import Encoded, encode_example, resolve_inputs
 from mmflow.knockout import check_flows, check_window, has_empty_group, knockout_sweep
 from mmflow.lens import ANSWER, FALSE_OPTION, LENS_VIEWS, answer_token_ids, logit_lens, token_label
-from mmflow.models import EMBEDDED_MODEL, REPO_DIR, LlavaModel, load_model, num_layers
+from mmflow.models import EMBEDDED_MODEL, REPO_DIR, LlavaModel, decoder_layers, load_model, num_layers
 from mmflow.paper import Flow, default_window, flow_name, flows_need_patches
 
 DEFAULT_CACHE_DIR = REPO_DIR / "results"
@@ -109,6 +109,24 @@ class Run:
     cache_dir: str = str(DEFAULT_CACHE_DIR)
     fingerprint: str = ""
     inputs: str = "processor"
+    #: what this run has computed with its model: model forwards and decoder-layer calls (the fast engine runs
+    #: decoder layers itself), counted by hooks; zero when everything came from the cache
+    computed: dict[str, int] = field(default_factory=lambda: {"forwards": 0, "layer_calls": 0}, repr=False)
+
+    def __post_init__(self) -> None:
+        def count(what: str):
+            def hook(module, args):
+                self.computed[what] += 1
+
+            return hook
+
+        self.model.register_forward_pre_hook(count("forwards"))
+        for layer in decoder_layers(self.model):
+            layer.register_forward_pre_hook(count("layer_calls"))
+
+    def describe_computed(self) -> str:
+        """What this run has computed with its model, e.g. ``"model forwards: 0, decoder-layer calls: 0"``."""
+        return f"model forwards: {self.computed['forwards']}, decoder-layer calls: {self.computed['layer_calls']}"
 
     @classmethod
     def load(

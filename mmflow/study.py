@@ -19,8 +19,9 @@ from typing import Any
 
 import pandas as pd
 
+from mmflow.cache import progress_note
 from mmflow.data import EMBEDDED_DATA, Example, load_examples
-from mmflow.engines import ENGINES
+from mmflow.engines import ENGINES, block_mask
 from mmflow.errors import MmflowError
 from mmflow.figures import (
     FIG_CASING,
@@ -32,9 +33,10 @@ from mmflow.figures import (
     stable_table,
 )
 from mmflow.inputs import Encoded, resolve_inputs
-from mmflow.knockout import check_window
+from mmflow.knockout import check_window, flow_positions
+from mmflow.lens import LENS_VIEWS
 from mmflow.models import LlavaModel, check_dtype_device
-from mmflow.paper import IMAGE_TO_QUESTION, PATCH_FLOWS, TASKS, TO_LAST_FLOWS, Flow, default_window
+from mmflow.paper import IMAGE_TO_QUESTION, PATCH_FLOWS, TASKS, TO_LAST_FLOWS, Flow, default_window, window_layers
 from mmflow.runs import Run, check_keep
 from mmflow.tables import example_table, wrong_answers
 
@@ -189,6 +191,38 @@ class Study:
         """Logit-lens rows of the kept examples (cached); shows and saves the per-task table (see :meth:`knockout`)."""
         return self._account(*self.run.lens(self.examples, keep=self.keep), name)
 
+    def one_knockout(self, rows: pd.DataFrame, flow: str, centre: int) -> str:
+        """The method on one example, read from an analysis' rows (no model forward): the first kept example with a
+        ``flow`` sweep, the edges its window around ``centre`` cuts, and the answer's probability before and after.
+        Returns Markdown."""
+        held = rows[(rows.flow == flow) & (rows.layer == centre)] if len(rows) else rows
+        if not len(held):
+            return f"No kept example has a {flow} sweep: nothing to show."
+        row = held.iloc[0]
+        example = next(e for e in self.examples if e.example_id == row.example_id)
+        encoded = self.encode(example)
+        sources, targets = flow_positions(flow, encoded.groups, encoded.length)
+        cut = block_mask([(targets, sources)], encoded.length, encoded.length)  # rows: queries, columns: keys
+        layers = window_layers(centre, self.k, self.n_layers)
+        answer = self.run.processor.tokenizer.decode([int(row.answer_token)])
+        return (
+            f"**{example.task} {example.example_id}**: {example.question} -> {answer!r}, p = {row.p_base:.3f}\n\n"
+            f"{flow} cut: {len(targets)} target x {len(sources)} source positions = {int(cut.sum())} edges, in "
+            f"layers {layers.start}-{layers.stop - 1}: p = {row.p_new:.3f} ({row.rel_change:+.1f}%)"
+        )
+
+    def one_lens(self, rows: pd.DataFrame, views: Sequence[str] = ("final_norm", "paper")) -> pd.DataFrame:
+        """The logit lens of the first kept example, read from the analysis' rows (no model forward): probability per
+        layer of each tracked token in ``views`` (keys of :data:`~mmflow.lens.LENS_VIEWS`); prints its question."""
+        if not len(rows):
+            print("No kept example: nothing to show.")
+            return pd.DataFrame()
+        first = rows[rows.example_id == rows.example_id.iloc[0]]
+        example = next(e for e in self.examples if e.example_id == first.example_id.iloc[0])
+        print(f"{example.task} {example.example_id}: {example.question} (answer: {example.answer})")
+        first = first[first.view.isin([LENS_VIEWS[v] for v in views])]
+        return first.pivot(index="layer", columns=["view", "token"], values="prob").round(3)
+
     def stable(self, table: pd.DataFrame, name: str) -> pd.DataFrame:
         """The figure data already saved as ``name`` if this run agrees with it within the stated tolerance, else
         ``table`` (see :func:`~mmflow.figures.stable_table`)."""
@@ -214,14 +248,24 @@ class Study:
         plt.show()
         return paths
 
-    def explore(self, flows: Sequence[str]) -> None:
-        """The knockout explorer for these flows (a static figure when run headless)."""
+    def explore(self, flows: Sequence[str], rows: pd.DataFrame | None = None) -> None:
+        """The knockout explorer for these flows (a static figure when run headless); settings that ``rows`` (the
+        analysis' rows) hold are read from them. Then reports what the notebook computed (see
+        :meth:`report_computed`)."""
         from mmflow.widgets import KnockoutExplorer
 
-        KnockoutExplorer(self.run, self.examples, list(flows), self.k).show()
+        KnockoutExplorer(self.run, self.examples, list(flows), self.k, rows).show()
+        self.report_computed()
 
-    def explore_lens(self) -> None:
-        """The logit-lens explorer (a static figure when run headless)."""
+    def explore_lens(self, rows: pd.DataFrame | None = None) -> None:
+        """The logit-lens explorer (a static figure when run headless), reading ``rows`` where they hold the
+        setting; then reports what the notebook computed."""
         from mmflow.widgets import LensExplorer
 
-        LensExplorer(self.run, self.examples).show()
+        LensExplorer(self.run, self.examples, rows).show()
+        self.report_computed()
+
+    def report_computed(self) -> None:
+        """Print in the terminal of ``make reproduce`` how many model forwards and decoder-layer calls this notebook
+        has made (zero after ``make sweep``: everything is read from the cache)."""
+        progress_note(f"{self.run.name}: {self.run.describe_computed()}")

@@ -34,14 +34,21 @@ def _at_least(ax: Any, low: float, high: float, span: float) -> None:
 
 class _Explorer:
     """Task and example pickers, the full question, a status line and an output area; subclasses add controls
-    and implement :meth:`compute` and :meth:`draw`."""
+    and implement :meth:`compute` and :meth:`draw`.
 
-    def __init__(self, run: Run, examples: Sequence[Example]):
+    ``rows``: an analysis' rows (with ``example_id``); a setting they hold is read from them, not recomputed, and
+    the pickers start on the first example they hold (so a notebook run after ``make sweep`` computes nothing).
+    """
+
+    def __init__(self, run: Run, examples: Sequence[Example], rows: pd.DataFrame | None = None):
         import ipywidgets as widgets
 
         self.run, self.examples = run, list(examples)
+        self.rows = rows if rows is not None and len(rows) else None
+        self.known = set() if self.rows is None else set(self.rows.example_id)
         tasks = list(dict.fromkeys(e.task for e in self.examples))
-        self.task = widgets.Dropdown(options=tasks, value=tasks[0], description="task")
+        first = next((e.task for e in self.examples if e.example_id in self.known), tasks[0])
+        self.task = widgets.Dropdown(options=tasks, value=first, description="task")
         self.example = widgets.Dropdown(description="example", layout=widgets.Layout(width="420px"))
         self.question = widgets.HTML()
         self.status = widgets.HTML()
@@ -55,7 +62,16 @@ class _Explorer:
             (f"{e.example_id}: {e.question}", i) for i, e in enumerate(self.examples) if e.task == self.task.value
         ]
         self.example.options = options
-        self.example.value = options[0][1]
+        self.example.value = next((i for _, i in options if self.examples[i].example_id in self.known), options[0][1])
+
+    def known_rows(self, example: Example, **match: Any) -> pd.DataFrame | None:
+        """The rows of ``example`` whose columns equal ``match``, if the analysis holds them; else None."""
+        if example.example_id not in self.known:
+            return None
+        rows = self.rows[self.rows.example_id == example.example_id]
+        for column, value in match.items():
+            rows = rows[rows[column] == value]
+        return rows if len(rows) else None
 
     def _watch(self, *controls: Any) -> None:
         for control in controls:
@@ -114,10 +130,17 @@ class KnockoutExplorer(_Explorer):
         KnockoutExplorer(run, examples, ["Question->Last"], window=3).show()
     """
 
-    def __init__(self, run: Run, examples: Sequence[Example], flows: Sequence[str], window: int):
+    def __init__(
+        self,
+        run: Run,
+        examples: Sequence[Example],
+        flows: Sequence[str],
+        window: int,
+        rows: pd.DataFrame | None = None,
+    ):
         import ipywidgets as widgets
 
-        super().__init__(run, examples)
+        super().__init__(run, examples, rows)
         n_layers = run.n_layers
         top = n_layers if n_layers % 2 else n_layers - 1
         odd = window if window % 2 else window + 1
@@ -140,9 +163,12 @@ class KnockoutExplorer(_Explorer):
         )
 
     def compute(self, example: Example) -> pd.DataFrame:
-        """The fast engine's sweep for the current setting."""
-        encoded = self.run.encode(example, patches=True)
+        """The fast engine's sweep for the current setting (read from the analysis' rows if they hold it)."""
         lo, hi = self.layers.value
+        known = self.known_rows(example, flow=self.flow.value, k=self.window.value)
+        if known is not None and set(range(lo, hi + 1)) <= set(known.layer):
+            return known[known.layer.between(lo, hi)].reset_index(drop=True)
+        encoded = self.run.encode(example, patches=True)
         sweep = knockout_sweep(
             self.run.model, encoded, [self.flow.value], self.window.value, "fast", layers=range(lo, hi + 1)
         )
@@ -187,10 +213,10 @@ class LensExplorer(_Explorer):
         LensExplorer(run, examples).show()
     """
 
-    def __init__(self, run: Run, examples: Sequence[Example]):
+    def __init__(self, run: Run, examples: Sequence[Example], rows: pd.DataFrame | None = None):
         import ipywidgets as widgets
 
-        super().__init__(run, examples)
+        super().__init__(run, examples, rows)
         n_layers = run.n_layers
         self.view = widgets.Dropdown(
             options=[(label, key) for key, label in LENS_VIEWS.items()],
@@ -213,13 +239,16 @@ class LensExplorer(_Explorer):
         )
 
     def compute(self, example: Example) -> pd.DataFrame:
-        """The lens rows of the current view, within the layer range."""
+        """The lens rows of the current view, within the layer range (from the analysis' rows if they hold them)."""
+        lo, hi = self.layers.value
+        known = self.known_rows(example, view=LENS_VIEWS[self.view.value])
+        if known is not None:
+            return known[known.layer.between(lo, hi)].reset_index(drop=True)
         tok = self.run.processor.tokenizer
         tokens = {token_label(ANSWER, form): tid for form, tid in answer_token_ids(tok, example.answer).items()}
         if example.false_option:
             tokens |= {token_label(FALSE_OPTION, f): t for f, t in answer_token_ids(tok, example.false_option).items()}
         rows = logit_lens(self.run.model, self.run.encode(example), tokens, views=[self.view.value])
-        lo, hi = self.layers.value
         return rows[(rows.layer >= lo) & (rows.layer <= hi)].assign(example_id=example.example_id, task=example.task)
 
     def title(self, example: Example) -> str:

@@ -143,6 +143,30 @@ def test_explorer_callbacks_without_browser(tmp_path):
     assert hi - lo >= 2.0  # a tiny change does not fill the axis
 
 
+def test_explorers_read_the_analysis_rows_and_compute_only_what_they_lack(tmp_path):
+    """Seeded with an analysis' rows, the explorers start on an example those rows hold and draw it without
+    running the model (counted by the run's hooks); another setting runs it, and gives the rows' numbers."""
+    run = mu.Run.load(mu.EMBEDDED_MODEL, cache_dir=str(tmp_path))
+    examples = mu.load_examples(n=2, tasks=["ChooseAttr", "QueryAttr"])
+    rows, status = run.knockout(examples, mu.TO_LAST_FLOWS, window=3)
+    lens_rows, _ = run.lens(examples)
+    kept = status[status.correct].example_id.tolist()
+    assert kept
+    before = dict(run.computed)
+    explorer = mu.KnockoutExplorer(run, examples, list(mu.TO_LAST_FLOWS), window=3, rows=rows)
+    seeded = explorer.update()
+    mu.LensExplorer(run, examples, rows=lens_rows).update()
+    assert run.computed == before and explorer.current.example_id == kept[0]
+    assert len(seeded) == mu.num_layers(run.model) and set(seeded.flow) == {"Question->Last"}
+    explorer.window.value = 1  # not in the rows: computed
+    assert run.computed["layer_calls"] > before["layer_calls"]
+    explorer.window.value = 3  # computing a held setting afresh gives the same numbers
+    fresh = mu.KnockoutExplorer(run, examples, list(mu.TO_LAST_FLOWS), window=3)
+    fresh.example.value = explorer.example.value
+    assert (fresh.update().rel_change - seeded.rel_change).abs().max() < 1e-3  # pp; flows batched differently
+    assert "model forwards: 0" not in run.describe_computed()
+
+
 def test_lens_explorer_callbacks_without_browser(tmp_path):
     run = mu.Run.load(mu.EMBEDDED_MODEL, cache_dir=str(tmp_path))
     examples = mu.load_examples(n=1, tasks=["ChooseAttr", "QueryAttr"])
@@ -263,7 +287,7 @@ def test_make_reproduce_shows_progress_in_the_terminal_not_in_the_notebook(tmp_p
 
 def test_sweep_in_two_processes_equals_one_and_leaves_nothing_to_compute(tmp_path):
     """make sweep NPROC=2 (Accelerate, gloo on CPU) writes byte for byte the cache one process writes; a following
-    notebook run computes no example (it says so in the terminal)."""
+    notebook run computes no example and runs no model forward (it says so in the terminal)."""
     import subprocess
     import sys
 
@@ -295,3 +319,5 @@ def test_sweep_in_two_processes_equals_one_and_leaves_nothing_to_compute(tmp_pat
     assert len(one) == 6 * (1 + len(mu.ANALYSES)) and one == two  # answers + every analysis, identical bytes
     done = make_reproduce_one("1_to_last_flow", tmp_path / "nb.ipynb", tmp_path / "two", tmp_path / "figures")
     assert "knockout: 0 of 6 examples computed, 6 from the cache" in done.stderr
+    # measured by hooks on the model and its decoder layers, over the whole notebook (demo and explorer included)
+    assert "shapes-llava: model forwards: 0, decoder-layer calls: 0" in done.stderr

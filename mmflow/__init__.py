@@ -5,11 +5,12 @@ Modules, from the leaves up (each imports only from modules above it):
 =========  ===========================================================================================
 paper      the paper's vocabulary: tasks, flows, prompt template, window rule (no torch)
 errors     :class:`MmflowError`
-models     the model-family table, loading, where layers / final norm / feature packing live
+models     the model-family table, loading, where layers / rotary / final norm / feature packing live
 patches    box masks through the processor's geometry: related / other image patches
 data       :class:`Example`, the shapes world and the paper's GQA CSVs
 words      options in their "X or Y" slot and object words in a question, with the rule that found them
 inputs     the prompt ("paper" or "processor" inputs) and the token groups of an example
+fast       the fast engine: the clean run reused in positions and layers, flows and windows as suffix copies
 engines    the knockout primitive (block masks merged into the model's mask) and the engine registry
 knockout   :func:`knockout_sweep`, one generic function for every flow
 lens       the logit lens

@@ -70,11 +70,20 @@ class _Flow:
         self.positions = positions
         sources_t = torch.tensor(list(sources), device=device)
         self.target_rows = torch.isin(positions, torch.tensor(list(targets), device=device))
+        self.target_offsets = sorted(t - self.t0 for t in set(targets))  # on the host: no device sync per layer
+        prefix_cols = sorted(c for c in set(sources) if c < self.t0)
         self.prefix_sources = torch.isin(torch.arange(self.t0, device=device), sources_t)
+        runs: list[tuple[int, int]] = []  # the cut prefix columns as contiguous runs (one for the image block)
+        for c in prefix_cols:
+            if runs and runs[-1][1] == c:
+                runs[-1] = (runs[-1][0], c + 1)
+            else:
+                runs.append((c, c + 1))
+        self.prefix_runs = runs
         self.causal = torch.ones(self.s, self.s, dtype=torch.bool, device=device).tril()
         self.own_cut = self.target_rows[:, None] & torch.isin(positions, sources_t)[None, :] & self.causal
 
-    def attend(self, layer: int, query, key, value, scaling: float, active: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, query, key, value, scaling: float, active: list[bool]) -> torch.Tensor:
         """Attention of this flow's copies (``active``: whose window contains ``layer``) over the clean prefix and
         each copy's own rows; softmax in float32. Shapes: query ``(1, heads, T, d)``, key and value ``(1, kv heads,
         T, d)``; returns ``(1, T, heads, d)``."""
@@ -83,12 +92,18 @@ class _Flow:
         prefix_keys, prefix_values = self.prefix[layer]
         q = (query.float() * scaling).reshape(kv_heads, rep * t, d)  # head h reads kv head h // rep
         on_prefix = q @ prefix_keys[0].float().transpose(-1, -2)  # (kv heads, rep * T, t0)
-        cut_rows = (active[:, None] & self.target_rows[None, :]).reshape(t).nonzero()[:, 0]
-        if len(cut_rows) and self.prefix_sources.any():  # fill the cut rows only: few of T in most layers
+        cut = [w * s + r for w, on in enumerate(active) if on for r in self.target_offsets]
+        if cut and self.prefix_runs:  # fill the cut rows only: few of T in most layers
+            rows = torch.tensor(cut, device=query.device)
             grid = on_prefix.view(kv_heads, rep, t, -1)
-            grid.index_copy_(2, cut_rows, grid.index_select(2, cut_rows).masked_fill_(self.prefix_sources, _NEG))
+            if len(self.prefix_runs) <= 4:
+                for start, stop in self.prefix_runs:
+                    grid[..., start:stop].index_fill_(2, rows, _NEG)
+            else:  # scattered columns (e.g. patches)
+                grid.index_copy_(2, rows, grid.index_select(2, rows).masked_fill_(self.prefix_sources, _NEG))
+        active_t = torch.tensor(active, device=query.device)
         on_own = q.view(kv_heads, rep, g, s, d) @ key[0].float().view(kv_heads, 1, g, s, d).transpose(-1, -2)
-        on_own.masked_fill_(~self.causal | (active[:, None, None] & self.own_cut[None]), _NEG)
+        on_own.masked_fill_(~self.causal | (active_t[:, None, None] & self.own_cut[None]), _NEG)
         on_own = on_own.view(kv_heads, rep * t, s)
         top = torch.maximum(on_prefix.amax(-1, keepdim=True), on_own.amax(-1, keepdim=True))
         on_prefix = on_prefix.sub_(top).exp_()
@@ -111,7 +126,7 @@ class SuffixCopies:
 
     def __init__(self, flows: Sequence[_Flow]):
         self.flows = flows
-        self.present: list[tuple[_Flow, torch.Tensor]] = []
+        self.present: list[tuple[_Flow, list[bool]]] = []
         self.calls = 0
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -235,9 +250,7 @@ def _one_pass(model, clean: Clean, flows: list[_Flow], jobs: list[tuple[int, int
             positions = torch.cat([flows[f].positions.repeat(len(members[f])) for f in live])[None]
             hidden = torch.cat([segments[f] for f in live], 1)
             embeddings = rotary_embedding(model)(hidden, positions)
-        copies.present = [
-            (flows[f], torch.tensor([j in windows[i] for i in members[f]], device=hidden.device)) for f in live
-        ]
+        copies.present = [(flows[f], [j in windows[i] for i in members[f]]) for f in live]
         calls = copies.calls
         hidden = layers[j](
             hidden,

@@ -43,7 +43,8 @@ FLOWS = ["Question->Last", "Image->Last", "Last->Last", "Image->Question"]
 QUESTION, TAIL = 14, 20  # question tokens, then the tail up to the last position ("... ASSISTANT:")
 
 
-def _configs(layers: int, image: int, hidden: int, vocab: int):
+def _configs(layers: int, image: int, hidden: int, vocab: int) -> dict:
+    """The keyword arguments both LLaVA config classes share: a 2-layer CLIP tower and a reduced-width Llama."""
     vision = CLIPVisionConfig(
         image_size=image,
         patch_size=14,
@@ -62,7 +63,13 @@ def _configs(layers: int, image: int, hidden: int, vocab: int):
         initializer_range=0.05,
         max_position_embeddings=4096,
     )
-    return vision, text
+    return {
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_index": vocab - 1,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+    }
 
 
 def _encoded(vocab: int, image_tokens: int, extra: dict) -> mu.Encoded:
@@ -83,15 +90,7 @@ def _encoded(vocab: int, image_tokens: int, extra: dict) -> mu.Encoded:
 def llava15_geometry_model(layers: int = 32, hidden: int = 256, vocab: int = 32064, image: int = 336, seed: int = 0):
     """A random LLaVA-1.5-shaped model and an input with its token groups (no tokenizer needed)."""
     torch.manual_seed(seed)
-    vision, text = _configs(layers, image, hidden, vocab)
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=vocab - 1,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    model = LlavaForConditionalGeneration(config).eval()
+    model = LlavaForConditionalGeneration(LlavaConfig(**_configs(layers, image, hidden, vocab))).eval()
     return model, _encoded(vocab, (image // 14) ** 2, {"pixel_values": torch.randn(1, 3, image, image)})
 
 
@@ -99,16 +98,8 @@ def llava_next_geometry_model(layers: int = 32, hidden: int = 256, vocab: int = 
     """A random LLaVA-NeXT-shaped model (anyres grid of LLaVA-v1.6) and a 640x480 image's input: the base tile
     plus the unpadded 2x2 grid with its newline tokens, as the model's own feature packing counts them."""
     torch.manual_seed(seed)
-    vision, text = _configs(layers, image, hidden, vocab)
     pinpoints = [[image * a, image * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
-    config = LlavaNextConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=vocab - 1,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=pinpoints,
-    )
+    config = LlavaNextConfig(**_configs(layers, image, hidden, vocab), image_grid_pinpoints=pinpoints)
     model = LlavaNextForConditionalGeneration(config).eval()
     sizes = torch.tensor([[480 * image // 336, 640 * image // 336]])
     pixels = torch.randn(1, 5, 3, image, image)

@@ -205,6 +205,12 @@ def fast_sweep(
     layers leaves ``p_base``. Needs :func:`~mmflow.engines.knockout_attention` around it, like every engine."""
     n_layers, keep_from = num_layers(model), clean.keep_from
     device = clean.hidden.device if clean.hidden is not None else model.device
+    sliding = getattr(model.config.get_text_config(), "sliding_window", None)
+    if sliding is not None and encoded.length > sliding:  # its attention sees every earlier position
+        raise MmflowError(
+            f"The language model attends within a sliding window of {sliding} positions and this input has "
+            f"{encoded.length}: the fast engine does not implement sliding windows; use engine='naive'"
+        )
     late = [min(targets) for _, targets in flows if clean.hidden is None or min(targets) < keep_from]
     if late:
         raise MmflowError(

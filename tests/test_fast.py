@@ -42,6 +42,18 @@ def test_fast_equals_naive_on_other_backbones(tmp_path, backbone):
     assert_engines_agree(model, encoded_example(model, processor), window=3)
 
 
+def test_sliding_window_longer_than_the_input_is_refused(tmp_path):
+    """Mistral-style sliding-window attention: the fast engine's attention sees every earlier position, so an input
+    longer than the window is refused with a clear error (the naive engine, the model's own masks, still runs)."""
+    folder = tiny.build_tiny(tmp_path / "sliding", "llava", backbone="mistral", sliding_window=8)
+    model, processor = mu.load_model(str(folder))
+    enc = encoded_example(model, processor)
+    assert enc.length > 8
+    with pytest.raises(mu.MmflowError, match="sliding window of 8 positions.*engine='naive'"):
+        mu.knockout_sweep(model, enc, ["Image->Last"], window=3, engine="fast")
+    assert len(mu.knockout_sweep(model, enc, ["Image->Last"], window=3, engine="naive")) == mu.num_layers(model)
+
+
 def test_any_window_order_and_pass_size(loaded):
     model, processor = loaded("llava_next_gqa")
     enc = encoded_example(model, processor)

@@ -66,10 +66,9 @@ class _Flow:
         self.t0 = min(targets)
         self.s = length - self.t0
         self.prefix = [(layer.keys[..., : self.t0, :], layer.values[..., : self.t0, :]) for layer in cache.layers]
-        positions = self.t0 + torch.arange(self.s, device=device)
-        self.positions = positions
+        self.positions = positions = self.t0 + torch.arange(self.s, device=device)
         sources_t = torch.tensor(list(sources), device=device)
-        self.target_rows = torch.isin(positions, torch.tensor(list(targets), device=device))
+        target_rows = torch.isin(positions, torch.tensor(list(targets), device=device))
         self.target_offsets = sorted(t - self.t0 for t in set(targets))  # on the host: no device sync per layer
         prefix_cols = sorted(c for c in set(sources) if c < self.t0)
         self.prefix_sources = torch.isin(torch.arange(self.t0, device=device), sources_t)
@@ -81,7 +80,7 @@ class _Flow:
                 runs.append((c, c + 1))
         self.prefix_runs = runs
         self.causal = torch.ones(self.s, self.s, dtype=torch.bool, device=device).tril()
-        self.own_cut = self.target_rows[:, None] & torch.isin(positions, sources_t)[None, :] & self.causal
+        self.own_cut = target_rows[:, None] & torch.isin(positions, sources_t)[None, :] & self.causal
 
     def attend(self, layer: int, query, key, value, scaling: float, active: list[bool]) -> torch.Tensor:
         """Attention of this flow's copies (``active``: whose window contains ``layer``) over the clean prefix and
@@ -124,8 +123,7 @@ class SuffixCopies:
     being computed.
     """
 
-    def __init__(self, flows: Sequence[_Flow]):
-        self.flows = flows
+    def __init__(self) -> None:
         self.present: list[tuple[_Flow, list[bool]]] = []
         self.calls = 0
 
@@ -240,7 +238,7 @@ def _one_pass(model, clean: Clean, flows: list[_Flow], jobs: list[tuple[int, int
     """Run the copies of ``jobs`` (sorted by first layer) up the layers; return them in output order and their
     probabilities of the clean answer."""
     layers = decoder_layers(model)
-    copies = SuffixCopies(flows)
+    copies = SuffixCopies()
     members: list[list[int]] = [[] for _ in flows]  # window indices of each flow's copies, in entering order
     segments: list[torch.Tensor | None] = [None] * len(flows)
     waiting = list(jobs)

@@ -73,6 +73,20 @@ class _Explorer:
             rows = rows[rows[column] == value]
         return rows if len(rows) else None
 
+    def _layout(self, *controls: Any) -> None:
+        """The panel: the subclass's controls, the pickers, the question, the status line and the figure."""
+        import ipywidgets as widgets
+
+        self.panel = widgets.VBox(
+            [
+                widgets.HBox(list(controls)),
+                widgets.HBox([self.task, self.example]),
+                self.question,
+                self.status,
+                self.output,
+            ]
+        )
+
     def _watch(self, *controls: Any) -> None:
         for control in controls:
             control.observe(lambda _: self.update(), names="value")
@@ -152,15 +166,7 @@ class KnockoutExplorer(_Explorer):
         )
         self.flow = widgets.Dropdown(options=list(flows), value=flows[0], description="flow")
         self._watch(self.window, self.layers, self.flow, self.example)
-        self.panel = widgets.VBox(
-            [
-                widgets.HBox([self.window, self.layers, self.flow]),
-                widgets.HBox([self.task, self.example]),
-                self.question,
-                self.status,
-                self.output,
-            ]
-        )
+        self._layout(self.window, self.layers, self.flow)
 
     def compute(self, example: Example) -> pd.DataFrame:
         """The fast engine's sweep for the current setting (read from the analysis' rows if they hold it)."""
@@ -228,15 +234,7 @@ class LensExplorer(_Explorer):
             value=(-1, n_layers - 1), min=-1, max=n_layers - 1, description="layers", continuous_update=False
         )
         self._watch(self.view, self.layers, self.example)
-        self.panel = widgets.VBox(
-            [
-                widgets.HBox([self.view, self.layers]),
-                widgets.HBox([self.task, self.example]),
-                self.question,
-                self.status,
-                self.output,
-            ]
-        )
+        self._layout(self.view, self.layers)
 
     def compute(self, example: Example) -> pd.DataFrame:
         """The lens rows of the current view, within the layer range (from the analysis' rows if they hold them)."""

@@ -118,42 +118,24 @@ def build_tiny(
     tok = tokenizer or byte_level_tokenizer()
     image_token_id = tok.convert_tokens_to_ids("<image>")
     common = dict(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
-    text_cfg = _text_config(len(tok), layers, **text_overrides)
+    config_args = dict(
+        vision_config=_vision_config(),
+        text_config=_text_config(len(tok), layers, **text_overrides),
+        image_token_index=image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    processor_args = dict(
+        tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1
+    )
     if kind == "llava":
         image_processor = LlavaImageProcessorPil(do_pad=True, **common) if pad else CLIPImageProcessorPil(**common)
-        config = LlavaConfig(
-            vision_config=_vision_config(),
-            text_config=text_cfg,
-            image_token_index=image_token_id,
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-2,
-        )
-        model = LlavaForConditionalGeneration(config)
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            patch_size=PATCH,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-        )
+        model = LlavaForConditionalGeneration(LlavaConfig(**config_args))
+        processor = LlavaProcessor(image_processor=image_processor, **processor_args)
     elif kind == "llava_next":
         image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=GRID_PINPOINTS, **common)
-        config = LlavaNextConfig(
-            vision_config=_vision_config(),
-            text_config=text_cfg,
-            image_token_index=image_token_id,
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-2,
-            image_grid_pinpoints=GRID_PINPOINTS,
-        )
-        model = LlavaNextForConditionalGeneration(config)
-        processor = LlavaNextProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            patch_size=PATCH,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-        )
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(**config_args, image_grid_pinpoints=GRID_PINPOINTS))
+        processor = LlavaNextProcessor(image_processor=image_processor, **processor_args)
     else:
         raise ValueError(kind)
     folder.mkdir(parents=True, exist_ok=True)

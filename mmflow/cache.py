@@ -131,6 +131,28 @@ def _progress_stream():
     return open(path, "a", buffering=1) if path else sys.stderr  # noqa: SIM115 - written to until the run ends
 
 
+#: Environment variable that sets the fast engine's token budget when the call leaves it None (``make ...
+#: TOKEN_BUDGET=n`` exports it).
+TOKEN_BUDGET_ENV = "MMFLOW_TOKEN_BUDGET"
+
+
+def env_token_budget() -> int | None:
+    """The token budget ``$MMFLOW_TOKEN_BUDGET`` sets (``make ... TOKEN_BUDGET=n``), None if unset or empty; the
+    commands check it before they start.
+
+    Raises:
+        MmflowError: naming the variable, for a value that is not a positive integer.
+    """
+    text = os.environ.get(TOKEN_BUDGET_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise MmflowError(
+            f"{TOKEN_BUDGET_ENV} must be a positive integer number of tokens (or unset: from free memory), got {text!r}"
+        )
+    return int(text)
+
+
 def progress_note(text: str) -> None:
     """Write a line where progress goes (the terminal of ``make reproduce``, or stderr); nothing in a live notebook."""
     stream = _progress_stream()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nbformat
 
+from mmflow.cache import env_token_budget
 from mmflow.data import parse_n
 from mmflow.errors import MmflowError
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.executed.parent.resolve()
     try:
         params = notebook_parameters(args, list(pm.inspect_notebook(str(args.source))), relative_to=workdir)
+        env_token_budget()  # a bad TOKEN_BUDGET is named before anything runs or is written
     except MmflowError as err:
         print(f"make reproduce: {err}", file=sys.stderr)
         return 2

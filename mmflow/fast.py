@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mmflow.cache import env_token_budget
 from mmflow.errors import MmflowError
 from mmflow.inputs import Encoded
 from mmflow.models import LlavaModel, decoder_layers, final_norm, num_layers, rotary_embedding
@@ -144,11 +145,6 @@ class SuffixCopies:
         return torch.cat(out, 1), None
 
 
-#: Environment variable that sets the fast engine's token budget when the call leaves it None (``make ...
-#: TOKEN_BUDGET=n`` exports it).
-TOKEN_BUDGET_ENV = "MMFLOW_TOKEN_BUDGET"
-
-
 def device_token_budget(model: LlavaModel, prefix: int, fraction: float = 0.25, cap: int = 8192) -> int:
     """Most suffix tokens per pass that fit in ``fraction`` of the device's free memory.
 
@@ -170,20 +166,18 @@ def device_token_budget(model: LlavaModel, prefix: int, fraction: float = 0.25, 
 
 
 def token_budget_for(model: LlavaModel, prefix: int, token_budget: int | None) -> int:
-    """``token_budget`` if given, else ``$MMFLOW_TOKEN_BUDGET`` if set, else :func:`device_token_budget`.
+    """``token_budget`` if given, else ``$MMFLOW_TOKEN_BUDGET`` if set (:func:`env_token_budget`), else
+    :func:`device_token_budget`.
 
     Raises:
         MmflowError: for a budget that is not a positive integer, naming where it came from.
     """
-    where = "token_budget"
-    if token_budget is None and os.environ.get(TOKEN_BUDGET_ENV, "").strip():
-        where, token_budget = TOKEN_BUDGET_ENV, os.environ[TOKEN_BUDGET_ENV].strip()
-        token_budget = int(token_budget) if token_budget.isdigit() else token_budget
     if token_budget is None:
-        return device_token_budget(model, prefix)
+        return env_token_budget() or device_token_budget(model, prefix)
     if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
         raise MmflowError(
-            f"{where} must be a positive integer number of tokens (or unset: from free memory), got {token_budget!r}"
+            "token_budget must be a positive integer number of tokens (or None: from free memory), "
+            f"got {token_budget!r}"
         )
     return token_budget
 

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run this process's shard of every analysis; the main process prints what was computed."""
     from accelerate import PartialState
 
+    from mmflow.cache import env_token_budget
     from mmflow.data import load_examples, parse_n
     from mmflow.paper import default_window
     from mmflow.runs import Run
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     shard = (state.process_index, state.num_processes)
     keep = args.keep or "correct"
     try:
+        env_token_budget()  # a bad TOKEN_BUDGET is named before the model loads
         run = Run.load(
             args.model, device=device, dtype=args.dtype, cache_dir=args.cache_dir, inputs=args.inputs or None
         )

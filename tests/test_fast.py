@@ -14,6 +14,7 @@ from test_knockout import ALL_FLOWS, encoded_example
 
 import mmflow_utils as mu
 from mmflow import fast
+from mmflow.cache import TOKEN_BUDGET_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def test_any_window_order_and_pass_size(loaded):
 
 def test_budget_from_free_memory_and_override(loaded, monkeypatch):
     model, _ = loaded("llava")
-    monkeypatch.delenv(fast.TOKEN_BUDGET_ENV, raising=False)
+    monkeypatch.delenv(TOKEN_BUDGET_ENV, raising=False)
     roomy = fast.device_token_budget(model, prefix=600)
     assert roomy & (roomy - 1) == 0 and 1 <= roomy <= 8192  # a power of two, capped
     pages = {"SC_AVPHYS_PAGES": 16, "SC_PAGE_SIZE": 4096}  # 64 KiB free
@@ -75,9 +76,9 @@ def test_budget_from_free_memory_and_override(loaded, monkeypatch):
     tight = fast.device_token_budget(model, prefix=600)
     assert tight == 1 < roomy  # float32 scores of one token over 600 keys already exceed a quarter of it
     assert fast.token_budget_for(model, 600, None) == tight
-    monkeypatch.setenv(fast.TOKEN_BUDGET_ENV, "48")
+    monkeypatch.setenv(TOKEN_BUDGET_ENV, "48")
     assert fast.token_budget_for(model, 600, None) == 48 and fast.token_budget_for(model, 600, 5) == 5
-    monkeypatch.setenv(fast.TOKEN_BUDGET_ENV, "lots")
+    monkeypatch.setenv(TOKEN_BUDGET_ENV, "lots")
     with pytest.raises(mu.MmflowError, match="MMFLOW_TOKEN_BUDGET must be a positive integer"):
         fast.token_budget_for(model, 600, None)
     with pytest.raises(mu.MmflowError, match="token_budget must be a positive integer"):
@@ -110,3 +111,19 @@ def test_bench_runs_and_its_engines_agree():
     summary = dict(item.split("=") for item in out.strip().splitlines()[-1].removeprefix("bench: ").split())
     assert set(summary) == {"to_last_speedup", "image_question_speedup", "example_speedup", "max_abs_diff"}
     assert float(summary["max_abs_diff"]) <= 1e-5
+
+
+def test_a_bad_token_budget_stops_make_before_anything_is_written(tmp_path):
+    """`make reproduce TOKEN_BUDGET=lots`: the command names the variable and writes no executed copy."""
+    import os
+
+    executed = tmp_path / "out" / "nb.ipynb"
+    done = subprocess.run(
+        [sys.executable, "-m", "mmflow.execute", str(REPO / "notebooks" / "1_to_last_flow.ipynb"), str(executed)],
+        cwd=REPO,
+        env={**os.environ, TOKEN_BUDGET_ENV: "lots"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "MMFLOW_TOKEN_BUDGET must be a positive integer" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ Models (random weights, reduced width, the real classes and sequence geometry):
 For each: Question->Last, Image->Last, Last->Last and Image->Question with both engines, and one whole example
 (4 flows + clean run). On (c) and (d) the naive engine runs a sample of the windows (each is one full forward
 of the same cost) and its time is scaled to all windows; agreement is checked on the sampled windows. Then the
-peak memory of each engine, the ratio of multiply-accumulates (what an exact engine could gain at equal
+peak memory of each engine, the ratio of multiply-accumulates (what the fast engine gains at equal
 efficiency), and a last line
 
     bench: to_last_speedup=<x> image_question_speedup=<x> example_speedup=<x> max_abs_diff=<y>
@@ -58,8 +58,8 @@ def _configs(layers: int, image: int, hidden: int, vocab: int) -> dict:
         hidden_size=hidden,
         intermediate_size=688 * hidden // 256,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=max(4, hidden // 128),
+        num_key_value_heads=max(4, hidden // 128),
         initializer_range=0.05,
         max_position_embeddings=4096,
     )
@@ -107,19 +107,22 @@ def llava_next_geometry_model(layers: int = 32, hidden: int = 256, vocab: int = 
         features = model.model.get_image_features(
             pixels, sizes, vision_feature_layer=-2, vision_feature_select_strategy="default"
         )
-    tokens = len(features.pooler_output[0])
+    features = getattr(features, "pooler_output", features)  # (older transformers return the features themselves)
+    tokens = len(features[0]) if isinstance(features, (list, tuple)) or features.dim() == 3 else len(features)
     return model, _encoded(vocab, tokens, {"pixel_values": pixels, "image_sizes": sizes})
 
 
-def build(name: str, quick: bool):
-    """Model (a), (c) or (d) with its input; ``quick``: 4 (or 5) layers and 56 px tiles, for the test suite."""
+def build(name: str, quick: bool, wide: bool = False, device: str = "cpu"):
+    """Model (a), (c) or (d) with its input, built on ``device``; ``quick``: 4 (or 5) layers and 56 px tiles, for
+    the test suite; ``wide``: the language models' real widths (4,096 for (a) and (c), 5,120 for (d))."""
     image = 56 if quick else 336
-    if name == "a":
-        return llava15_geometry_model(4 if quick else 32, image=image)
-    if name == "c":
-        return llava_next_geometry_model(4 if quick else 32, image=image)
-    if name == "d":
-        return llava15_geometry_model(5 if quick else 40, image=image)
+    with torch.device(device):
+        if name == "a":
+            return llava15_geometry_model(4 if quick else 32, image=image, hidden=4096 if wide else 256)
+        if name == "c":
+            return llava_next_geometry_model(4 if quick else 32, image=image, hidden=4096 if wide else 256)
+        if name == "d":
+            return llava15_geometry_model(5 if quick else 40, image=image, hidden=5120 if wide else 256)
     raise ValueError(name)
 
 
@@ -149,10 +152,13 @@ def compare(title: str, model, encoded, window: int, sample: list[int] | None = 
     n_layers = mu.num_layers(model)
     scale = 1.0 if sample is None else n_layers / len(sample)
     note = "" if sample is None else f"; naive on {len(sample)} of {n_layers} windows, scaled"
-    print(f"\n== {title}: {n_layers} layers, sequence {encoded.length}, window k={window}{note}")
+    width = model.config.get_text_config().hidden_size
+    print(f"\n== {title}: {n_layers} layers, width {width}, sequence {encoded.length}, window k={window}{note}")
     print(f"{'flow':<18}{'naive s':>9}{'fast s':>9}{'speed-up':>10}{'max|dp|':>11}")
     stats: dict[str, float] = {}
     max_diff, naive_total = 0.0, 0.0
+    for engine in mu.ENGINES:  # warm up (a GPU's first kernels, the CPU's first allocations): not timed
+        mu.knockout_sweep(model, encoded, FLOWS, window, engine, layers=[n_layers // 2])
     for flow in FLOWS:  # the sweeps alone: the clean run is shared by all flows of an example
         with torch.inference_mode():
             clean, cached = mu.clean_run(model, encoded), mu.clean_run(model, encoded, keep_cache=True)
@@ -190,8 +196,10 @@ def _naive_all(model, encoded, window):
 
 
 def macs_ratio(model, encoded, window: int) -> dict[str, float]:
-    """Multiply-accumulates of the naive engine over the fast one for Image->Question and one whole example:
-    the most an exact engine can gain at equal efficiency (vision tower left out)."""
+    """Multiply-accumulates of the naive engine over the fast one for Image->Question and one whole example: what
+    the fast engine gains at equal efficiency (vision tower left out). The fast engine's count follows what it
+    computes: each window's suffix from the window's first layer, windows that agree so far sharing one copy, a
+    cut row reading only the prefix columns it keeps, the top layer's attention for the last row only."""
     config = model.config.get_text_config()
     n_layers, n = mu.num_layers(model), encoded.length
     per_token = sum(p.numel() for p in mu.decoder_layers(model)[0].parameters())
@@ -199,15 +207,24 @@ def macs_ratio(model, encoded, window: int) -> dict[str, float]:
     forward = n_layers * n * (per_token + n * per_pair)  # a dense mask: every pair computed
     windows = [mu.window_layers(c, window, n_layers) for c in range(n_layers)]
 
-    def fast_flow(t0: int) -> float:
-        s = n - t0
-        return sum((n_layers - w.start) * s * (per_token + n * per_pair) for w in windows)
+    def fast_flow(flow: str) -> float:
+        sources, targets = map(set, mu.flow_positions(flow, encoded.groups, n))
+        t0 = min(targets)
+        s, kept = n - t0, t0 - len({c for c in sources if c < t0})
+        total = 0
+        for j in range(n_layers):
+            copies = {(w.start, tuple(x in w for x in range(w.start, j + 1))) for w in windows if w.start <= j}
+            rows = [s - 1] if j == n_layers - 1 else range(s)
+            for _, inside in copies:
+                pairs = sum((kept if inside[-1] and t0 + r in targets else t0) + r + 1 for r in rows)
+                total += s * per_token + pairs * per_pair
+        return total
 
-    image_question = fast_flow(min(encoded.groups["question"]))
-    example_fast = forward + image_question + 3 * fast_flow(n - 1)
+    image_question = fast_flow("Image->Question")
+    example_fast = forward + sum(fast_flow(flow) for flow in FLOWS)
     return {
         "Image->Question": len(windows) * forward / image_question,
-        "example": (1 + 4 * len(windows)) * forward / example_fast,
+        "example": (1 + len(FLOWS) * len(windows)) * forward / example_fast,
     }
 
 
@@ -218,20 +235,21 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(field)
 
 
-def peak_memory(engine: str, name: str, device: str, quick: bool) -> float:
+def peak_memory(engine: str, name: str, device: str, quick: bool, wide: bool) -> float:
     """Peak memory (MiB) above the warmed-up model of one engine's sweeps of the four flows (the naive engine: one
     window each, its windows are independent). On a GPU: the allocator's peak, in this process; on the CPU: the
     peak resident size, in a fresh process (a long-lived allocator reuses freed memory and hides peaks)."""
     if device == "cpu":
-        command = [sys.executable, __file__, "--memory", engine, "--models", name] + (["--quick"] if quick else [])
+        command = [sys.executable, __file__, "--memory", engine, "--models", name]
+        command += (["--quick"] if quick else []) + (["--wide"] if wide else [])
         return float(
             subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         )
-    return _measure_memory(engine, name, device, quick)
+    return _measure_memory(engine, name, device, quick, wide)
 
 
-def _measure_memory(engine: str, name: str, device: str, quick: bool) -> float:
-    model, encoded = to_device(*build(name, quick), device, torch.float32)
+def _measure_memory(engine: str, name: str, device: str, quick: bool, wide: bool) -> float:
+    model, encoded = to_device(*build(name, quick, wide, device), device, torch.float32)
     n_layers = mu.num_layers(model)
     with torch.inference_mode():
         mu.clean_run(model, encoded, keep_cache=True)  # warm up: weights touched, first allocations made
@@ -253,12 +271,15 @@ def main() -> None:
     parser.add_argument("--models", default="a,b,c,d", help="which models, comma-separated")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--quick", action="store_true", help="tiny versions of the models (for the test suite)")
+    parser.add_argument(
+        "--wide", action="store_true", help="the real widths (7b, 13b; for a GPU); the naive engine on 3 windows"
+    )
     parser.add_argument("--memory", choices=mu.ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = args.models.split(",")
     if args.memory:
-        print(_measure_memory(args.memory, names[0], args.device, args.quick))
+        print(_measure_memory(args.memory, names[0], args.device, args.quick, args.wide))
         return
     if args.device != "cpu" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: no CUDA device here")
@@ -278,9 +299,9 @@ def main() -> None:
                 model, encoded = to_device(run.model, run.encode(example), args.device, dtype)
                 compare(f"(b) embedded shapes-llava, {label}", model, encoded, mu.default_window(mu.num_layers(model)))
                 continue
-            model, encoded = to_device(*build(name, args.quick), args.device, dtype)
+            model, encoded = to_device(*build(name, args.quick, args.wide, args.device), args.device, dtype)
             n_layers = mu.num_layers(model)
-            sample = None if name == "a" else sorted({0, n_layers // 2, n_layers - 1})
+            sample = None if name == "a" and not args.wide else sorted({0, n_layers // 2, n_layers - 1})
             window = mu.default_window(n_layers)
             results[name, dtype] = compare(f"{titles[name]}, {label}", model, encoded, window, sample)
             if dtype == torch.float32:
@@ -288,12 +309,12 @@ def main() -> None:
                 results[name, dtype]["ceiling"] = ceiling
                 print(
                     f"multiply-accumulates, naive / fast: Image->Question {ceiling['Image->Question']:.1f}x, "
-                    f"example {ceiling['example']:.1f}x (the most an exact engine gains at equal efficiency)"
+                    f"example {ceiling['example']:.1f}x (what the fast engine gains at equal efficiency)"
                 )
             del model
     print("\npeak memory above the loaded model, four flows (naive: one window each):")
     for name in (n for n in names if n != "b"):
-        memory = {engine: peak_memory(engine, name, args.device, args.quick) for engine in mu.ENGINES}
+        memory = {engine: peak_memory(engine, name, args.device, args.quick, args.wide) for engine in mu.ENGINES}
         print(f"  {titles[name]}: " + ", ".join(f"{engine} {mib:.0f} MiB" for engine, mib in memory.items()))
     if ("a", torch.float32) in results:
         a = results["a", torch.float32]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mmflow.errors import MmflowError
-from mmflow.fast import Clean, fast_sweep
+from mmflow.fast import Clean, fast_sweep, wide
 from mmflow.inputs import Encoded
 from mmflow.models import LlavaModel, eager_attention, family_of
 
@@ -134,7 +134,7 @@ def naive_sweep(
         for layers in windows:
             knockout = Knockout({j: block for j in layers})
             out = model(**encoded.inputs, use_cache=False, logits_to_keep=1, knockout=knockout)
-            probs[-1].append(float(torch.softmax(out.logits[0, -1].float(), -1)[clean.answer_token]))
+            probs[-1].append(float(torch.softmax(wide(out.logits[0, -1]), -1)[clean.answer_token]))
     return probs
 
 

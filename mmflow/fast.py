@@ -5,8 +5,10 @@ A knockout whose targets start at position ``t0`` and whose window starts at lay
 recomputed, only from layer ``a`` on, starting from its clean hidden states there, against the clean keys and
 values of the prefix. The windows of a sweep share one pass through the layers: each enters as a copy of the
 suffix at its first layer (:class:`SuffixCopies`), so no layer below a window is recomputed for it and each
-layer is called once per pass.
-"""
+layer is called once per pass. Windows that enter at the same layer share one copy until they differ (the edge
+windows truncated at layer 0); a cut row attends only to the prefix columns it keeps; at the top layer only the
+last row is attended. Attention over the prefix is PyTorch's fused kernel on the CPU, joined with each copy's
+own rows by log-sum-exp."""
 
 from __future__ import annotations
 
@@ -24,6 +26,16 @@ from mmflow.inputs import Encoded
 from mmflow.models import LlavaModel, decoder_layers, final_norm, num_layers, rotary_embedding
 
 _NEG = -math.inf
+
+
+def wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32, or in its own dtype if that is wider (float64 stays float64).
+
+    Example:
+        >>> wide(torch.ones(1, dtype=torch.float16)).dtype, wide(torch.ones(1, dtype=torch.float64)).dtype
+        (torch.float32, torch.float64)
+    """
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 @dataclass
@@ -51,11 +63,11 @@ def clean_run(model: LlavaModel, encoded: Encoded, keep_cache: bool = False, kee
         keep_from: keep hidden states from this position on (the fast engine needs them from a flow's first target).
     """
     out = model(**encoded.inputs, use_cache=keep_cache, output_hidden_states=keep_cache, logits_to_keep=1)
-    logits = out.logits[0, -1].float()
+    logits = wide(out.logits[0, -1])
     answer = int(logits.argmax())
     p_base = float(torch.softmax(logits, -1)[answer])
     if keep_cache:
-        hidden = torch.stack(out.hidden_states[: num_layers(model)])[:, 0, keep_from:]  # [a] = input of layer a
+        hidden = torch.stack([h[0, keep_from:] for h in out.hidden_states[: num_layers(model)]])  # [a]: layer a's input
         return Clean(answer, p_base, out.past_key_values, hidden, keep_from)
     return Clean(answer, p_base)
 
@@ -71,47 +83,112 @@ class _Flow:
         sources_t = torch.tensor(list(sources), device=device)
         target_rows = torch.isin(positions, torch.tensor(list(targets), device=device))
         self.target_offsets = sorted(t - self.t0 for t in set(targets))  # on the host: no device sync per layer
-        prefix_cols = sorted(c for c in set(sources) if c < self.t0)
-        self.prefix_sources = torch.isin(torch.arange(self.t0, device=device), sources_t)
-        runs: list[tuple[int, int]] = []  # the cut prefix columns as contiguous runs (one for the image block)
-        for c in prefix_cols:
-            if runs and runs[-1][1] == c:
-                runs[-1] = (runs[-1][0], c + 1)
-            else:
-                runs.append((c, c + 1))
-        self.prefix_runs = runs
+        self.target_set = set(self.target_offsets)
+        cut_cols = {c for c in sources if c < self.t0}
+        self.prefix_runs = _runs(sorted(cut_cols))  # the cut prefix columns as contiguous runs (the image block)
+        self.kept_runs = _runs([c for c in range(self.t0) if c not in cut_cols])  # what a cut row still reads
+        self._kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.causal = torch.ones(self.s, self.s, dtype=torch.bool, device=device).tril()
         self.own_cut = target_rows[:, None] & torch.isin(positions, sources_t)[None, :] & self.causal
 
-    def attend(self, layer: int, query, key, value, scaling: float, active: list[bool]) -> torch.Tensor:
+    def kept(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The clean prefix keys and values a cut row still reads (the columns that are not sources), as blocks:
+        views of the cache for a few contiguous runs, else one gathered copy (kept for the sweep)."""
+        keys, values = self.prefix[layer]
+        if len(self.kept_runs) <= 4:
+            return [(keys[..., a:b, :], values[..., a:b, :]) for a, b in self.kept_runs]
+        if layer not in self._kept:
+            cols = torch.cat([torch.arange(a, b, device=keys.device) for a, b in self.kept_runs])
+            self._kept[layer] = [(keys.index_select(2, cols), values.index_select(2, cols))]
+        return self._kept[layer]
+
+    def attend(self, layer: int, query, key, value, scaling: float, active: list[bool], last_only: bool = False):
         """Attention of this flow's copies (``active``: whose window contains ``layer``) over the clean prefix and
-        each copy's own rows; softmax in float32. Shapes: query ``(1, heads, T, d)``, key and value ``(1, kv heads,
-        T, d)``; returns ``(1, T, heads, d)``."""
+        each copy's own rows, joined by their log-sum-exp in float32 or wider (:func:`wide`). ``last_only``: only
+        each copy's last row (the top layer; the other rows come back as zeros, nothing reads them). Shapes: query
+        ``(1, heads, T, d)``, key and value ``(1, kv heads, T, d)``; returns ``(1, T, heads, d)``."""
         heads, kv_heads, t, d = query.shape[1], key.shape[1], query.shape[2], query.shape[3]
         rep, g, s = heads // kv_heads, len(active), self.s
-        prefix_keys, prefix_values = self.prefix[layer]
-        q = (query.float() * scaling).reshape(kv_heads, rep * t, d)  # head h reads kv head h // rep
-        on_prefix = q @ prefix_keys[0].float().transpose(-1, -2)  # (kv heads, rep * T, t0)
-        cut = [w * s + r for w, on in enumerate(active) if on for r in self.target_offsets]
-        if cut and self.prefix_runs:  # fill the cut rows only: few of T in most layers
-            rows = torch.tensor(cut, device=query.device)
-            grid = on_prefix.view(kv_heads, rep, t, -1)
-            if len(self.prefix_runs) <= 4:
-                for start, stop in self.prefix_runs:
-                    grid[..., start:stop].index_fill_(2, rows, _NEG)
-            else:  # scattered columns (e.g. patches)
-                grid.index_copy_(2, rows, grid.index_select(2, rows).masked_fill_(self.prefix_sources, _NEG))
+        offsets = [s - 1] if last_only else list(range(s))  # the rows computed, within each copy
+        m = len(offsets)
+        q = query.reshape(1, kv_heads, rep, g, s, d)  # head h reads kv head h // rep
+        q = q[:, :, :, :, s - 1 :] if last_only else q
+        flat = q.reshape(1, kv_heads, rep * g * m, d)
+        cut_in = [i for i, o in enumerate(offsets) if o in self.target_set]
+        cut = [(r * g + w) * m + i for r in range(rep) for w in range(g) if active[w] for i in cut_in]
+        if not cut or not self.prefix_runs:  # no row loses a prefix column in this layer
+            out_p, lse_p = _attention_lse(flat, [self.prefix[layer]], scaling)
+        else:
+            out_p = wide(flat.new_zeros(flat.shape))
+            lse_p = out_p.new_full(flat.shape[:-1], _NEG)
+            cut_set = set(cut)
+            keep = [i for i in range(flat.shape[2]) if i not in cut_set]
+            for rows, blocks in ((keep, [self.prefix[layer]]), (cut, self.kept(layer))):
+                if rows and blocks:  # (a cut row that keeps no prefix column reads only its copy)
+                    index = torch.tensor(rows, device=query.device)
+                    o, lse = _attention_lse(flat.index_select(2, index), blocks, scaling)
+                    out_p.index_copy_(2, index, o)
+                    lse_p.index_copy_(2, index, lse)
+        own_keys = wide(key).view(1, kv_heads, 1, g, s, d)
+        scores = (wide(q) @ own_keys.transpose(-1, -2)).mul_(scaling)  # (1, kv heads, rep, g, m, s)
         active_t = torch.tensor(active, device=query.device)
-        on_own = q.view(kv_heads, rep, g, s, d) @ key[0].float().view(kv_heads, 1, g, s, d).transpose(-1, -2)
-        on_own.masked_fill_(~self.causal | (active_t[:, None, None] & self.own_cut[None]), _NEG)
-        on_own = on_own.view(kv_heads, rep * t, s)
-        top = torch.maximum(on_prefix.amax(-1, keepdim=True), on_own.amax(-1, keepdim=True))
-        on_prefix = on_prefix.sub_(top).exp_()
-        on_own = on_own.sub_(top).exp_()
-        total = on_prefix.sum(-1, keepdim=True) + on_own.sum(-1, keepdim=True)
-        own = on_own.view(kv_heads, rep, g, s, s) @ value[0].float().view(kv_heads, 1, g, s, d)
-        out = (on_prefix @ prefix_values[0].float() + own.view(kv_heads, rep * t, d)) / total
-        return out.view(1, heads, t, d).transpose(1, 2).to(query.dtype)
+        hidden = ~self.causal[offsets] | (active_t[:, None, None] & self.own_cut[offsets][None])
+        scores.masked_fill_(hidden, _NEG)
+        lse_p = lse_p.view(1, kv_heads, rep, g, m, 1)
+        top = torch.maximum(lse_p, scores.amax(-1, keepdim=True))
+        weights = scores.sub_(top).exp_()
+        from_prefix = (lse_p - top).exp_()
+        own = weights @ wide(value).view(1, kv_heads, 1, g, s, d)
+        out = (out_p.view(1, kv_heads, rep, g, m, d) * from_prefix + own) / (
+            from_prefix + weights.sum(-1, keepdim=True)
+        )
+        if last_only:
+            out = torch.cat([out.new_zeros(1, kv_heads, rep, g, s - 1, d), out], 4)
+        return out.reshape(1, heads, t, d).transpose(1, 2).to(query.dtype)
+
+
+def _attention_lse(query, blocks, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of every ``query`` row over the keys and values of all ``blocks`` together, and each
+    row's log-sum-exp, in float32 or wider (blocks joined by their log-sum-exp). On the CPU each block is
+    PyTorch's fused flash kernel (which returns the log-sum-exp), elsewhere plain matrix products. Shapes: query
+    ``(1, h, rows, d)``, each block's keys and values ``(1, h, columns, d)``; returns ``(1, h, rows, d)`` and
+    ``(1, h, rows)``."""
+    parts = []
+    for key, value in blocks:
+        if query.device.type == "cpu" and _CPU_FLASH is not None:
+            out, lse = _CPU_FLASH(query, key, value, 0.0, False, scale=scale)
+            parts.append((wide(out), wide(lse)))
+        else:
+            scores = (wide(query) @ wide(key).transpose(-1, -2)).mul_(scale)
+            lse = torch.logsumexp(scores, -1)
+            parts.append((scores.sub_(lse[..., None]).exp_() @ wide(value), lse))
+    if len(parts) == 1:
+        return parts[0]
+    lse = torch.logsumexp(torch.stack([lse for _, lse in parts]), 0)
+    return sum(out * (part_lse - lse).exp()[..., None] for out, part_lse in parts), lse
+
+
+#: PyTorch's fused CPU attention that also returns the log-sum-exp (None where this PyTorch lacks it)
+try:
+    _CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+except (AttributeError, RuntimeError):  # pragma: no cover - older PyTorch
+    _CPU_FLASH = None
+
+
+def _runs(columns: list[int]) -> list[tuple[int, int]]:
+    """Sorted columns as contiguous ``(start, stop)`` runs.
+
+    Example:
+        >>> _runs([0, 1, 2, 5, 7, 8])
+        [(0, 3), (5, 6), (7, 9)]
+    """
+    runs: list[tuple[int, int]] = []
+    for c in columns:
+        if runs and runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], c + 1)
+        else:
+            runs.append((c, c + 1))
+    return runs
 
 
 class SuffixCopies:
@@ -121,11 +198,12 @@ class SuffixCopies:
     copy, so attention costs what the copy alone would. Passed to a decoder layer as its cache (``update``
     hands back the copies' own keys and values and stores nothing) and, as ``copies=``, to the knockout
     attention, which calls it. ``present`` lists, per flow, which of its copies' windows contain the layer
-    being computed.
+    being computed; at ``top_layer`` only each copy's last row is attended (nothing reads the others).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, top_layer: int) -> None:
         self.present: list[tuple[_Flow, list[bool]]] = []
+        self.top_layer = top_layer
         self.calls = 0
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -135,12 +213,11 @@ class SuffixCopies:
     def __call__(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
         """Attention of every present copy (see :meth:`_Flow.attend`); returns ``((1, T, heads, d), None)``."""
         self.calls += 1
-        out, start = [], 0
+        out, start, layer = [], 0, module.layer_idx
         for flow, active in self.present:
             rows = slice(start, start + len(active) * flow.s)
-            out.append(
-                flow.attend(module.layer_idx, query[:, :, rows], key[:, :, rows], value[:, :, rows], scaling, active)
-            )
+            q, k, v = query[:, :, rows], key[:, :, rows], value[:, :, rows]
+            out.append(flow.attend(layer, q, k, v, scaling, active, last_only=layer == self.top_layer))
             start = rows.stop
         return torch.cat(out, 1), None
 
@@ -229,26 +306,42 @@ def fast_sweep(
 
 
 def _one_pass(model, clean: Clean, flows: list[_Flow], jobs: list[tuple[int, int]], starts, windows):
-    """Run the copies of ``jobs`` (sorted by first layer) up the layers; return them in output order and their
-    probabilities of the clean answer."""
+    """Run the copies of ``jobs`` (sorted by first layer) up the layers; return the jobs in output order and their
+    probabilities of the clean answer.
+
+    Windows of a flow that enter at the same layer share one copy until their windows differ at a layer (the
+    edge windows truncated at layer 0, repeated windows): then the copy is split in two.
+    """
     layers = decoder_layers(model)
-    copies = SuffixCopies()
-    members: list[list[int]] = [[] for _ in flows]  # window indices of each flow's copies, in entering order
+    copies = SuffixCopies(top_layer=len(layers) - 1)
+    members: list[list[list[int]]] = [[] for _ in flows]  # per flow, its copies: the windows each one computes
     segments: list[torch.Tensor | None] = [None] * len(flows)
     waiting = list(jobs)
     for j in range(starts[jobs[0][1]], len(layers)):
+        changed = False
         entering = [job for job in waiting if starts[job[1]] == j]
         if entering:
             waiting = waiting[len(entering) :]
-            for f, i in entering:
+            for f in sorted({f for f, _ in entering}):  # all enter from the same clean state: one copy per flow
                 new = clean.hidden[j, flows[f].t0 - clean.keep_from :][None]
                 segments[f] = new if segments[f] is None else torch.cat([segments[f], new], 1)
-                members[f].append(i)
+                members[f].append([i for g, i in entering if g == f])
+            changed = True
+        for f, copies_f in enumerate(members):
+            split = [([i for i in c if j in windows[i]], [i for i in c if j not in windows[i]]) for c in copies_f]
+            if any(inside and outside for inside, outside in split):
+                source = [c for c, (inside, outside) in enumerate(split) for part in (inside, outside) if part]
+                members[f] = [part for inside, outside in split for part in (inside, outside) if part]
+                rows = torch.arange(flows[f].s, device=segments[f].device)
+                index = torch.cat([c * flows[f].s + rows for c in source])
+                segments[f] = segments[f].index_select(1, index)
+                changed = True
+        if changed:
             live = [f for f in range(len(flows)) if members[f]]
             positions = torch.cat([flows[f].positions.repeat(len(members[f])) for f in live])[None]
             hidden = torch.cat([segments[f] for f in live], 1)
             embeddings = rotary_embedding(model)(hidden, positions)
-        copies.present = [(flows[f], [j in windows[i] for i in members[f]]) for f in live]
+        copies.present = [(flows[f], [j in windows[c[0]] for c in members[f]]) for f in live]
         calls = copies.calls
         hidden = layers[j](
             hidden,
@@ -266,6 +359,21 @@ def _one_pass(model, clean: Clean, flows: list[_Flow], jobs: list[tuple[int, int
         for f, piece in zip(live, pieces):
             segments[f] = piece
     last = torch.cat([segments[f][0, flows[f].s - 1 :: flows[f].s] for f in live])
-    logits = model.get_output_embeddings()(final_norm(model)(last)).float()
-    order = [(f, i) for f in live for i in members[f]]
-    return order, torch.softmax(logits, -1)[:, clean.answer_token].tolist()
+    logits = wide(model.get_output_embeddings()(final_norm(model)(last)))
+    probs = (logits[:, clean.answer_token] - torch.logsumexp(logits, -1)).exp()
+    order = [
+        ((f, i), p)
+        for f, p_copies in zip(live, _per_flow(probs.tolist(), live, members))
+        for c, p in zip(members[f], p_copies)
+        for i in c
+    ]
+    return [job for job, _ in order], [p for _, p in order]
+
+
+def _per_flow(values: list[float], live: list[int], members: list[list[list[int]]]) -> list[list[float]]:
+    """Split the copies' values (in layout order) per live flow."""
+    out, start = [], 0
+    for f in live:
+        out.append(values[start : start + len(members[f])])
+        start += len(members[f])
+    return out

@@ -3,6 +3,7 @@ in any window order and pass size; its token budget and its guard."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,43 @@ def test_any_window_order_and_pass_size(loaded):
     for budget in (1, 7, 10_000):  # one copy per pass, a few, all in one pass
         again = mu.knockout_sweep(model, enc, flows, window=3, layers=centres, token_budget=budget)
         assert len(again) == len(reference) and (again.p_new - reference.p_new).abs().max() <= 1e-6
+
+
+def test_without_the_fused_cpu_kernel(loaded, monkeypatch):
+    """The plain matrix-product attention (what runs on a GPU, or where PyTorch lacks the fused CPU kernel) gives
+    the same results, edge windows shared and split included."""
+    model, processor = loaded("llava_next_gqa")
+    monkeypatch.setattr(fast, "_CPU_FLASH", None)
+    assert_engines_agree(model, encoded_example(model, processor), window=3, layers=[0, 1, 2, 5, 5])
+
+
+def test_exact_in_float64(loaded):
+    """In float64 the engines agree to rounding (1e-12): the fast engine's reuse is exact, not approximately so;
+    its attention runs in the model's dtype when that is wider than float32."""
+    model, processor = loaded("llava_next_gqa")
+    model = copy.deepcopy(model).to(torch.float64)
+    enc = encoded_example(model, processor)
+    enc.inputs["pixel_values"] = enc.inputs["pixel_values"].to(torch.float64)
+    flows = ALL_FLOWS + [(enc.groups["image"][::2], enc.groups["question"])]
+    naive = mu.knockout_sweep(model, enc, flows, window=3, engine="naive")
+    fasts = mu.knockout_sweep(model, enc, flows, window=3, engine="fast")
+    assert (naive.p_new - fasts.p_new).abs().max() <= 1e-12
+    assert naive.rel_change.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_over_blocks_joins_by_log_sum_exp(monkeypatch, fused):
+    """Attention over several key blocks equals one softmax over their concatenation (and its log-sum-exp)."""
+    if not fused:
+        monkeypatch.setattr(fast, "_CPU_FLASH", None)
+    torch.manual_seed(0)
+    query = torch.randn(1, 2, 5, 8)
+    blocks = [(torch.randn(1, 2, c, 8), torch.randn(1, 2, c, 8)) for c in (3, 1, 6)]
+    keys, values = (torch.cat(parts, 2) for parts in zip(*blocks))
+    scores = query @ keys.transpose(-1, -2) * 0.3
+    out, lse = fast._attention_lse(query, blocks, 0.3)
+    assert torch.allclose(out, torch.softmax(scores, -1) @ values, atol=1e-6)
+    assert torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-6)
 
 
 def test_budget_from_free_memory_and_override(loaded, monkeypatch):

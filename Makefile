@@ -17,6 +17,8 @@ INPUTS ?=
 KEEP   ?=
 # The fast engine's most suffix tokens per pass (default: what fits in a quarter of the device's free memory).
 TOKEN_BUDGET ?=
+# Extra flags for make bench (bench/bench.py --help), e.g. --wide: the models at their real widths, for a GPU.
+BENCH_FLAGS ?=
 ifneq ($(TOKEN_BUDGET),)
 export MMFLOW_TOKEN_BUDGET := $(TOKEN_BUDGET)
 endif
@@ -86,8 +88,8 @@ report: $(RUNS) ## HTML report of the executed notebooks (code hidden, figures i
 check-data: $(STAMP) ## check DATA + IMAGES against MODEL's config and processor (no weights) before a long run
 	$(PY) -m mmflow.check_data --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --n "$(N)" --inputs "$(INPUTS)"
 
-bench: $(STAMP) ## the knockout engines side by side (speed, memory, agreement); DEVICE=cuda: on a GPU, fp32 and fp16
-	HF_HUB_OFFLINE=1 $(PY) bench/bench.py --device "$(DEVICE)"
+bench: $(STAMP) ## the knockout engines side by side (speed, memory, agreement); DEVICE=cuda: on a GPU, fp32 and fp16; BENCH_FLAGS=--wide: real widths
+	HF_HUB_OFFLINE=1 $(PY) bench/bench.py --device "$(DEVICE)" $(BENCH_FLAGS)
 
 toy-model: $(STAMP) ## retrain the embedded shapes-llava (resumable)
 	$(PY) -m shapes_world.train

@@ -72,68 +72,55 @@ def clean_run(model: LlavaModel, encoded: Encoded, keep_cache: bool = False, kee
     return Clean(answer, p_base)
 
 
-class _Flow:
-    """One flow's suffix ``[t0, t0 + s)`` and where its knockout cuts, in suffix rows and prefix columns."""
+class _Suffix:
+    """The positions ``[t0, n)`` that the flows whose first target is ``t0`` recompute, and the clean prefix
+    ``[0, t0)`` that their copies attend to."""
 
-    def __init__(self, cache: Any, sources: Sequence[int], targets: Sequence[int], length: int, device: Any):
-        self.t0 = min(targets)
-        self.s = length - self.t0
-        self.prefix = [(layer.keys[..., : self.t0, :], layer.values[..., : self.t0, :]) for layer in cache.layers]
-        self.positions = positions = self.t0 + torch.arange(self.s, device=device)
-        sources_t = torch.tensor(list(sources), device=device)
-        target_rows = torch.isin(positions, torch.tensor(list(targets), device=device))
-        self.target_offsets = sorted(t - self.t0 for t in set(targets))  # on the host: no device sync per layer
-        self.target_set = set(self.target_offsets)
-        cut_cols = {c for c in sources if c < self.t0}
-        self.prefix_runs = _runs(sorted(cut_cols))  # the cut prefix columns as contiguous runs (the image block)
-        self.kept_runs = _runs([c for c in range(self.t0) if c not in cut_cols])  # what a cut row still reads
-        self._kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    def __init__(self, cache: Any, t0: int, length: int, device: Any):
+        self.t0, self.s = t0, length - t0
+        self.prefix = [(layer.keys[..., :t0, :], layer.values[..., :t0, :]) for layer in cache.layers]
+        self.positions = t0 + torch.arange(self.s, device=device)
         self.causal = torch.ones(self.s, self.s, dtype=torch.bool, device=device).tril()
-        self.own_cut = target_rows[:, None] & torch.isin(positions, sources_t)[None, :] & self.causal
 
-    def kept(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The clean prefix keys and values a cut row still reads (the columns that are not sources), as blocks:
-        views of the cache for a few contiguous runs, else one gathered copy (kept for the sweep)."""
-        keys, values = self.prefix[layer]
-        if len(self.kept_runs) <= 4:
-            return [(keys[..., a:b, :], values[..., a:b, :]) for a, b in self.kept_runs]
-        if layer not in self._kept:
-            cols = torch.cat([torch.arange(a, b, device=keys.device) for a, b in self.kept_runs])
-            self._kept[layer] = [(keys.index_select(2, cols), values.index_select(2, cols))]
-        return self._kept[layer]
-
-    def attend(self, layer: int, query, key, value, scaling: float, active: list[bool], last_only: bool = False):
-        """Attention of this flow's copies (``active``: whose window contains ``layer``) over the clean prefix and
-        each copy's own rows, joined by their log-sum-exp in float32 or wider (:func:`wide`). ``last_only``: only
-        each copy's last row (the top layer; the other rows come back as zeros, nothing reads them). Shapes: query
-        ``(1, heads, T, d)``, key and value ``(1, kv heads, T, d)``; returns ``(1, T, heads, d)``."""
+    def attend(self, layer: int, query, key, value, scaling: float, parts: list, last_only: bool = False):
+        """Attention of the copies of ``parts`` (per flow, whether each of its copies' windows contains
+        ``layer``), laid out flow after flow, over the clean prefix and each copy's own rows, joined by their
+        log-sum-exp in float32 or wider (:func:`wide`). A cut row reads only the prefix columns its flow keeps.
+        ``last_only``: only each copy's last row (the top layer; the other rows come back as zeros, nothing reads
+        them). Shapes: query ``(1, heads, T, d)``, key and value ``(1, kv heads, T, d)``; returns
+        ``(1, T, heads, d)``."""
         heads, kv_heads, t, d = query.shape[1], key.shape[1], query.shape[2], query.shape[3]
-        rep, g, s = heads // kv_heads, len(active), self.s
-        offsets = [s - 1] if last_only else list(range(s))  # the rows computed, within each copy
-        m = len(offsets)
+        rep, g, s = heads // kv_heads, sum(len(active) for _, active in parts), self.s
+        offsets = range(s - 1, s) if last_only else range(s)  # the rows computed, within each copy
+        m, rows_in = len(offsets), slice(offsets.start, offsets.stop)
         q = query.reshape(1, kv_heads, rep, g, s, d)  # head h reads kv head h // rep
         q = q[:, :, :, :, s - 1 :] if last_only else q
         flat = q.reshape(1, kv_heads, rep * g * m, d)
-        cut_in = [i for i, o in enumerate(offsets) if o in self.target_set]
-        cut = [(r * g + w) * m + i for r in range(rep) for w in range(g) if active[w] for i in cut_in]
-        if not cut or not self.prefix_runs:  # no row loses a prefix column in this layer
+        cuts, first = [], 0  # per flow that cuts prefix columns in this layer: its rows and what they read
+        for flow, active in parts:
+            cut_in = [i for i, o in enumerate(offsets) if o in flow.target_set]
+            if flow.prefix_runs and cut_in and any(active):
+                on = [first + w for w, inside in enumerate(active) if inside]
+                cuts.append(([(r * g + w) * m + i for r in range(rep) for w in on for i in cut_in], flow.kept(layer)))
+            first += len(active)
+        if not cuts:  # no row loses a prefix column in this layer
             out_p, lse_p = _attention_lse(flat, [self.prefix[layer]], scaling)
         else:
             out_p = wide(flat.new_zeros(flat.shape))
             lse_p = out_p.new_full(flat.shape[:-1], _NEG)
-            cut_set = set(cut)
+            cut_set = {i for rows, _ in cuts for i in rows}
             keep = [i for i in range(flat.shape[2]) if i not in cut_set]
-            for rows, blocks in ((keep, [self.prefix[layer]]), (cut, self.kept(layer))):
+            for rows, blocks in [(keep, [self.prefix[layer]]), *cuts]:
                 if rows and blocks:  # (a cut row that keeps no prefix column reads only its copy)
-                    index = torch.tensor(rows, device=query.device)
+                    index = _on_device(rows, query.device)
                     o, lse = _attention_lse(flat.index_select(2, index), blocks, scaling)
                     out_p.index_copy_(2, index, o)
                     lse_p.index_copy_(2, index, lse)
         own_keys = wide(key).view(1, kv_heads, 1, g, s, d)
         scores = (wide(q) @ own_keys.transpose(-1, -2)).mul_(scaling)  # (1, kv heads, rep, g, m, s)
-        active_t = torch.tensor(active, device=query.device)
-        hidden = ~self.causal[offsets] | (active_t[:, None, None] & self.own_cut[offsets][None])
-        scores.masked_fill_(hidden, _NEG)
+        active_t = _on_device([inside for _, active in parts for inside in active], query.device)
+        own_cut = torch.cat([flow.own_cut[rows_in].expand(len(active), m, s) for flow, active in parts])
+        scores.masked_fill_(~self.causal[rows_in] | (active_t[:, None, None] & own_cut), _NEG)
         lse_p = lse_p.view(1, kv_heads, rep, g, m, 1)
         top = torch.maximum(lse_p, scores.amax(-1, keepdim=True))
         weights = scores.sub_(top).exp_()
@@ -145,6 +132,40 @@ class _Flow:
         if last_only:
             out = torch.cat([out.new_zeros(1, kv_heads, rep, g, s - 1, d), out], 4)
         return out.reshape(1, heads, t, d).transpose(1, 2).to(query.dtype)
+
+
+class _Flow:
+    """Where one flow's knockout cuts within its :class:`_Suffix`: target rows and prefix columns."""
+
+    def __init__(self, suffix: _Suffix, sources: Sequence[int], targets: Sequence[int], device: Any):
+        self.suffix, self.t0, self.s, self.positions = suffix, suffix.t0, suffix.s, suffix.positions
+        sources_t = torch.tensor(sorted(set(sources)), device=device)
+        target_rows = torch.isin(self.positions, torch.tensor(sorted(set(targets)), device=device))
+        self.target_set = {t - self.t0 for t in targets}  # on the host: no device sync per layer
+        cut_cols = {c for c in sources if c < self.t0}
+        self.prefix_runs = _runs(sorted(cut_cols))  # the cut prefix columns as contiguous runs (the image block)
+        self.kept_runs = _runs([c for c in range(self.t0) if c not in cut_cols])  # what a cut row still reads
+        self._kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.own_cut = target_rows[:, None] & torch.isin(self.positions, sources_t)[None, :] & suffix.causal
+
+    def kept(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The clean prefix keys and values a cut row still reads (the columns that are not sources), as blocks:
+        views of the cache for a few contiguous runs, else one gathered copy (kept for the sweep)."""
+        keys, values = self.suffix.prefix[layer]
+        if len(self.kept_runs) <= 4:
+            return [(keys[..., a:b, :], values[..., a:b, :]) for a, b in self.kept_runs]
+        if layer not in self._kept:
+            cols = torch.cat([torch.arange(a, b, device=keys.device) for a, b in self.kept_runs])
+            self._kept[layer] = [(keys.index_select(2, cols), values.index_select(2, cols))]
+        return self._kept[layer]
+
+
+def _on_device(values: list, device: Any) -> torch.Tensor:
+    """A host list as a tensor on ``device``; to a GPU through pinned memory without waiting for the copy, so
+    building the pass's indices does not stall the device's queue."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
 
 
 def _attention_lse(query, blocks, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,12 +218,13 @@ class SuffixCopies:
     Each copy attends to its flow's clean prefix (read from the clean cache) and to itself, never to another
     copy, so attention costs what the copy alone would. Passed to a decoder layer as its cache (``update``
     hands back the copies' own keys and values and stores nothing) and, as ``copies=``, to the knockout
-    attention, which calls it. ``present`` lists, per flow, which of its copies' windows contain the layer
-    being computed; at ``top_layer`` only each copy's last row is attended (nothing reads the others).
+    attention, which calls it. ``present`` lists, per suffix and per flow in it, which of its copies' windows
+    contain the layer being computed; at ``top_layer`` only each copy's last row is attended (nothing reads the
+    others).
     """
 
     def __init__(self, top_layer: int) -> None:
-        self.present: list[tuple[_Flow, list[bool]]] = []
+        self.present: list[tuple[_Suffix, list[tuple[_Flow, list[bool]]]]] = []
         self.top_layer = top_layer
         self.calls = 0
 
@@ -211,13 +233,13 @@ class SuffixCopies:
         return keys, values
 
     def __call__(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
-        """Attention of every present copy (see :meth:`_Flow.attend`); returns ``((1, T, heads, d), None)``."""
+        """Attention of every present copy (see :meth:`_Suffix.attend`); returns ``((1, T, heads, d), None)``."""
         self.calls += 1
         out, start, layer = [], 0, module.layer_idx
-        for flow, active in self.present:
-            rows = slice(start, start + len(active) * flow.s)
+        for suffix, parts in self.present:
+            rows = slice(start, start + sum(len(active) for _, active in parts) * suffix.s)
             q, k, v = query[:, :, rows], key[:, :, rows], value[:, :, rows]
-            out.append(flow.attend(layer, q, k, v, scaling, active, last_only=layer == self.top_layer))
+            out.append(suffix.attend(layer, q, k, v, scaling, parts, last_only=layer == self.top_layer))
             start = rows.stop
         return torch.cat(out, 1), None
 
@@ -286,7 +308,13 @@ def fast_sweep(
             f"This clean run keeps hidden states from position {keep_from}, after a flow's first target "
             f"{min(late)}: pass clean_run(..., keep_cache=True, keep_from={min(late)}) or lower"
         )
-    prepared = [_Flow(clean.cache, sources, targets, encoded.length, device) for sources, targets in flows]
+    suffixes: dict[int, _Suffix] = {}  # flows with the same first target share a suffix and attention calls
+    prepared = []
+    for sources, targets in flows:
+        t0 = min(targets)
+        if t0 not in suffixes:
+            suffixes[t0] = _Suffix(clean.cache, t0, encoded.length, device)
+        prepared.append(_Flow(suffixes[t0], sources, targets, device))
     starts = [w.start if len(w) else n_layers for w in windows]
     jobs = sorted(
         ((f, i) for f in range(len(flows)) for i in range(len(windows)) if starts[i] < n_layers),
@@ -337,11 +365,17 @@ def _one_pass(model, clean: Clean, flows: list[_Flow], jobs: list[tuple[int, int
                 segments[f] = segments[f].index_select(1, index)
                 changed = True
         if changed:
-            live = [f for f in range(len(flows)) if members[f]]
+            live = sorted((f for f in range(len(flows)) if members[f]), key=lambda f: (flows[f].t0, f))
             positions = torch.cat([flows[f].positions.repeat(len(members[f])) for f in live])[None]
             hidden = torch.cat([segments[f] for f in live], 1)
             embeddings = rotary_embedding(model)(hidden, positions)
-        copies.present = [(flows[f], [j in windows[c[0]] for c in members[f]]) for f in live]
+        copies.present = []
+        for f in live:  # grouped by suffix (live is sorted by first target)
+            part = (flows[f], [j in windows[c[0]] for c in members[f]])
+            if copies.present and copies.present[-1][0] is flows[f].suffix:
+                copies.present[-1][1].append(part)
+            else:
+                copies.present.append((flows[f].suffix, [part]))
         calls = copies.calls
         hidden = layers[j](
             hidden,

@@ -134,12 +134,15 @@ def to_device(model, encoded: mu.Encoded, device: str, dtype: torch.dtype):
     return model, encoded
 
 
-def timed(fn):
-    if torch.cuda.is_available():
+def timed(fn, device: str = "cpu"):
+    """``fn()`` and its wall time; on a GPU the second of two calls (the first pays for memory allocation and
+    kernel selection at new shapes), synchronised."""
+    if device == "cuda":
+        fn()
         torch.cuda.synchronize()
     start = time.perf_counter()
     result = fn()
-    if torch.cuda.is_available():
+    if device == "cuda":
         torch.cuda.synchronize()
     return result, time.perf_counter() - start
 
@@ -156,16 +159,19 @@ def compare(title: str, model, encoded, window: int, sample: list[int] | None = 
     print(f"\n== {title}: {n_layers} layers, width {width}, sequence {encoded.length}, window k={window}{note}")
     print(f"{'flow':<18}{'naive s':>9}{'fast s':>9}{'speed-up':>10}{'max|dp|':>11}")
     stats: dict[str, float] = {}
-    max_diff, naive_total = 0.0, 0.0
+    max_diff, naive_total, device = 0.0, 0.0, model.device.type
     for engine in mu.ENGINES:  # warm up (a GPU's first kernels, the CPU's first allocations): not timed
         mu.knockout_sweep(model, encoded, FLOWS, window, engine, layers=[n_layers // 2])
     for flow in FLOWS:  # the sweeps alone: the clean run is shared by all flows of an example
         with torch.inference_mode():
             clean, cached = mu.clean_run(model, encoded), mu.clean_run(model, encoded, keep_cache=True)
         naive, t_naive = timed(
-            lambda f=flow, c=clean: mu.knockout_sweep(model, encoded, [f], window, "naive", layers=sample, clean=c)
+            lambda f=flow, c=clean: mu.knockout_sweep(model, encoded, [f], window, "naive", layers=sample, clean=c),
+            device,
         )
-        fast, t_fast = timed(lambda f=flow, c=cached: mu.knockout_sweep(model, encoded, [f], window, "fast", clean=c))
+        fast, t_fast = timed(
+            lambda f=flow, c=cached: mu.knockout_sweep(model, encoded, [f], window, "fast", clean=c), device
+        )
         t_naive *= scale
         naive_total += t_naive
         fast_p = fast.set_index("layer").p_new.loc[naive.layer]
@@ -178,13 +184,13 @@ def compare(title: str, model, encoded, window: int, sample: list[int] | None = 
         with torch.inference_mode():
             mu.clean_run(model, encoded)
 
-    _, t_clean = timed(clean_only)
+    _, t_clean = timed(clean_only, device)
     t_naive = (
         t_clean + naive_total
         if sample is not None
-        else timed(lambda: (clean_only(), _naive_all(model, encoded, window)))[1]
+        else timed(lambda: (clean_only(), _naive_all(model, encoded, window)), device)[1]
     )
-    _, t_fast = timed(lambda: mu.knockout_sweep(model, encoded, FLOWS, window, "fast"))
+    _, t_fast = timed(lambda: mu.knockout_sweep(model, encoded, FLOWS, window, "fast"), device)
     stats["example"] = t_naive / t_fast
     stats["max_abs_diff"] = max_diff
     print(f"{'example (4+clean)':<18}{t_naive:9.2f}{t_fast:9.3f}{t_naive / t_fast:10.1f}")

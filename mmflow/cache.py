@@ -184,7 +184,8 @@ def run_cached(
     desc: str = "examples",
 ) -> list[dict[str, Any]]:
     """Run ``compute(example, digest)`` on each example of the shard not cached yet, caching each result (see the
-    module docstring); the digest is computed once per example and handed on.
+    module docstring); the digest is computed once per example and handed on, and an image file is decoded once
+    for both.
 
     Cached examples are skipped, so an interrupted run resumes where it stopped and gives identical results.
 
@@ -195,6 +196,7 @@ def run_cached(
     cache = ResultCache(cache_dir, key)
     results, computed = [], 0
     for example in _progress_bar(stream)(shard_of(examples, shard), desc=desc, leave=False):
+        example = example.with_image()  # decoded once, for the digest and the computation
         digest = example.digest()
         result = cache.read(digest)
         if result is None:

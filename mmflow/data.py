@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,16 @@ class Example:
                 return img.convert("RGB")
         except (OSError, Image.DecompressionBombError) as err:
             raise MmflowError(f"Image of {self.where} is not a readable image: {path} ({err})") from err
+
+    def with_image(self) -> Example:
+        """This example with its image decoded and held, so that its digest and its computation decode it once;
+        itself if the image is held already or cannot be read (its digest and computation then say so)."""
+        if self._image is not None or self.image_path is None:
+            return self
+        try:
+            return replace(self, _image=self.image())
+        except MmflowError:
+            return self
 
     def digest(self) -> str:
         """A content hash of the example: every field that can change a result, and the image's pixels.

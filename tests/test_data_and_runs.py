@@ -331,3 +331,35 @@ def test_the_greedy_answer_is_generated_once_per_example_for_all_analyses(run, m
     _, lens_status = run.lens(examples)
     assert len(calls) == len(examples)  # once per example, shared through the cache
     assert knockout_status.correct.tolist() == patch_status.correct.tolist() == lens_status.correct.tolist()
+
+
+def test_each_image_file_is_decoded_once_per_computed_example(tmp_path, monkeypatch):
+    """The digest (content key) and the computation share one decoding; a cached example decodes it for the digest
+    only; an unreadable image still reaches the computation, which names it."""
+    from mmflow import cache, data
+
+    for name, color in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (8, 6), color).save(tmp_path / name)
+    examples = [
+        mu.Example(str(i), "QueryAttr", "What color?", "red", (8, 6), image_path=str(tmp_path / name))
+        for i, name in enumerate(["a.png", "b.png", "missing.png"])
+    ]
+    opened = []
+    real_open = data.Image.open
+    monkeypatch.setattr(data.Image, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+
+    calls = []
+
+    def compute(example, digest):
+        calls.append(example.example_id)
+        try:
+            return {"rows": [{"size": list(example.image().size)}]}
+        except mu.MmflowError as err:
+            return {"rows": [], "error": str(err)}
+
+    first = cache.run_cached(examples, compute, tmp_path / "cache", "k")
+    assert [r["rows"] for r in first[:2]] == [[{"size": [8, 6]}]] * 2 and "missing.png" in first[2]["error"]
+    assert len(opened) == 2  # one decoding per readable image, shared by its digest and its computation
+    again = cache.run_cached(examples, compute, tmp_path / "cache", "k")
+    assert again == first and calls == ["0", "1", "2"]  # all from the cache
+    assert len(opened) == 4  # cached: each image decoded once more, for its content digest

@@ -89,6 +89,19 @@ def test_exact_in_float64(loaded):
     assert naive.rel_change.abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_the_cpu(loaded, dtype):
+    """`make ... DTYPE=bfloat16|float16` on a CPU: the fused kernel and the log-sum-exp join run in half precision
+    and agree with the naive engine within its rounding (a few percent of p)."""
+    model, processor = loaded("llava_next_gqa")
+    model = copy.deepcopy(model).to(dtype)
+    enc = encoded_example(model, processor)
+    enc.inputs["pixel_values"] = enc.inputs["pixel_values"].to(dtype)
+    naive = mu.knockout_sweep(model, enc, ALL_FLOWS, window=3, engine="naive")
+    fasts = mu.knockout_sweep(model, enc, ALL_FLOWS, window=3, engine="fast")
+    assert ((naive.p_new - fasts.p_new).abs() <= 0.05 * naive.p_base).all()
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_attention_over_blocks_joins_by_log_sum_exp(monkeypatch, fused):
     """Attention over several key blocks equals one softmax over their concatenation (and its log-sum-exp)."""

@@ -138,7 +138,7 @@ class _Flow:
     """Where one flow's knockout cuts within its :class:`_Suffix`: target rows and prefix columns."""
 
     def __init__(self, suffix: _Suffix, sources: Sequence[int], targets: Sequence[int], device: Any):
-        self.suffix, self.t0, self.s, self.positions = suffix, suffix.t0, suffix.s, suffix.positions
+        self.suffix, self.t0, self.s, self.positions = suffix, suffix.t0, suffix.s, suffix.positions  # read-only
         sources_t = torch.tensor(sorted(set(sources)), device=device)
         target_rows = torch.isin(self.positions, torch.tensor(sorted(set(targets)), device=device))
         self.target_set = {t - self.t0 for t in targets}  # on the host: no device sync per layer
@@ -394,20 +394,6 @@ def _one_pass(model, clean: Clean, flows: list[_Flow], jobs: list[tuple[int, int
             segments[f] = piece
     last = torch.cat([segments[f][0, flows[f].s - 1 :: flows[f].s] for f in live])
     logits = wide(model.get_output_embeddings()(final_norm(model)(last)))
-    probs = (logits[:, clean.answer_token] - torch.logsumexp(logits, -1)).exp()
-    order = [
-        ((f, i), p)
-        for f, p_copies in zip(live, _per_flow(probs.tolist(), live, members))
-        for c, p in zip(members[f], p_copies)
-        for i in c
-    ]
+    probs = iter((logits[:, clean.answer_token] - torch.logsumexp(logits, -1)).exp().tolist())  # layout order
+    order = [((f, i), p) for f in live for c, p in zip(members[f], probs) for i in c]
     return [job for job, _ in order], [p for _, p in order]
-
-
-def _per_flow(values: list[float], live: list[int], members: list[list[list[int]]]) -> list[list[float]]:
-    """Split the copies' values (in layout order) per live flow."""
-    out, start = [], 0
-    for f in live:
-        out.append(values[start : start + len(members[f])])
-        start += len(members[f])
-    return out

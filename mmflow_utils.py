@@ -57,7 +57,7 @@ from mmflow.lens import (
     logit_lens,
     token_label,
 )
-from mmflow.models import EMBEDDED_MODEL, decoder_layers, load_model, num_layers, text_model
+from mmflow.models import EMBEDDED_MODEL, decoder_layers, layer_mlp, load_model, num_layers, text_model
 from mmflow.paper import (
     FLOWS,
     IMAGE_TO_QUESTION,
@@ -81,7 +81,7 @@ __all__ = [
     "TASKS", "FLOWS", "TO_LAST_FLOWS", "IMAGE_TO_QUESTION", "PATCH_FLOWS", "INSTRUCTION", "PAPER_WINDOW",
     "default_window", "window_layers",
     # models and data
-    "MmflowError", "EMBEDDED_MODEL", "load_model", "num_layers", "decoder_layers", "text_model",
+    "MmflowError", "EMBEDDED_MODEL", "load_model", "num_layers", "decoder_layers", "layer_mlp", "text_model",
     "EMBEDDED_DATA", "DEFAULT_SHAPES_PER_TASK", "Example", "load_examples", "load_gqa", "load_shapes",
     # inputs and patch groups
     "Encoded", "build_prompt", "encode", "encode_example", "RELATED", "OTHER", "NEITHER", "image_token_labels",

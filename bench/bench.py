@@ -148,7 +148,8 @@ def timed(fn, device: str = "cpu"):
 
 
 def compare(title: str, model, encoded, window: int, sample: list[int] | None = None) -> dict[str, float]:
-    """Time each flow's sweep with both engines, plus one whole example (4 flows + clean run) per engine.
+    """Time each flow's sweep with both engines, plus one whole example per engine: one call for the 4 flows,
+    which makes the clean run and then 4 x 32 knockout forwards (naive) or the fast engine's passes.
 
     ``sample``: centre layers the naive engine runs (None: all); its time is scaled to all windows.
     """
@@ -188,7 +189,7 @@ def compare(title: str, model, encoded, window: int, sample: list[int] | None = 
     t_naive = (
         t_clean + naive_total
         if sample is not None
-        else timed(lambda: (clean_only(), _naive_all(model, encoded, window)), device)[1]
+        else timed(lambda: mu.knockout_sweep(model, encoded, FLOWS, window, "naive"), device)[1]
     )
     _, t_fast = timed(lambda: mu.knockout_sweep(model, encoded, FLOWS, window, "fast"), device)
     stats["example"] = t_naive / t_fast
@@ -197,20 +198,19 @@ def compare(title: str, model, encoded, window: int, sample: list[int] | None = 
     return stats
 
 
-def _naive_all(model, encoded, window):
-    return [mu.knockout_sweep(model, encoded, [flow], window, "naive") for flow in FLOWS]
-
-
 def macs_ratio(model, encoded, window: int) -> dict[str, float]:
     """Multiply-accumulates of the naive engine over the fast one for Image->Question and one whole example: what
     the fast engine gains at equal efficiency (vision tower left out). The fast engine's count follows what it
     computes: each window's suffix from the window's first layer, windows that agree so far sharing one copy, a
-    cut row reading only the prefix columns it keeps, the top layer's attention for the last row only."""
+    cut row reading only the prefix columns it keeps, the top layer's attention and MLP for the last row only (in
+    its clean run too)."""
     config = model.config.get_text_config()
     n_layers, n = mu.num_layers(model), encoded.length
     per_token = sum(p.numel() for p in mu.decoder_layers(model)[0].parameters())
+    top_row = per_token - sum(p.numel() for p in mu.layer_mlp(model, n_layers - 1).parameters())  # not the last
     per_pair = 2 * config.hidden_size  # QK and AV over all heads
     forward = n_layers * n * (per_token + n * per_pair)  # a dense mask: every pair computed
+    fast_clean = forward - (n - 1) * (per_token - top_row)
     windows = [mu.window_layers(c, window, n_layers) for c in range(n_layers)]
 
     def fast_flow(flow: str) -> float:
@@ -223,11 +223,11 @@ def macs_ratio(model, encoded, window: int) -> dict[str, float]:
             rows = [s - 1] if j == n_layers - 1 else range(s)
             for _, inside in copies:
                 pairs = sum((kept if inside[-1] and t0 + r in targets else t0) + r + 1 for r in rows)
-                total += s * per_token + pairs * per_pair
+                total += (s * per_token if j < n_layers - 1 else (s - 1) * top_row + per_token) + pairs * per_pair
         return total
 
     image_question = fast_flow("Image->Question")
-    example_fast = forward + sum(fast_flow(flow) for flow in FLOWS)
+    example_fast = fast_clean + sum(fast_flow(flow) for flow in FLOWS)
     return {
         "Image->Question": len(windows) * forward / image_question,
         "example": (1 + len(FLOWS) * len(windows)) * forward / example_fast,

@@ -10,11 +10,12 @@ patches    box masks through the processor's geometry: related / other image pat
 data       :class:`Example`, the shapes world and the paper's GQA CSVs
 words      options in their "X or Y" slot and object words in a question, with the rule that found them
 inputs     the prompt ("paper" or "processor" inputs) and the token groups of an example
+cache      the results cache: content-keyed files checked on read, atomic writes, shards, progress
+budget     the fast engine's tokens per pass: from the device's free memory, or as the user sets it
 fast       the fast engine: the clean run reused in positions and layers, flows and windows as suffix copies
 engines    the knockout primitive (block masks merged into the model's mask) and the engine registry
 knockout   :func:`knockout_sweep`, one generic function for every flow
 lens       the logit lens
-cache      the results cache: content-keyed files checked on read, atomic writes, shards, progress
 runs       correctness filter and :class:`Run` (analyses many examples through the cache)
 tables     per-task accounting of every example (analysed, not encodable, skipped flows)
 figures    curve tables with bootstrap bands, seaborn plots, figure files, provenance

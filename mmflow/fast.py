@@ -7,23 +7,23 @@ values of the prefix. The windows of a sweep share one pass through the layers: 
 suffix at its first layer (:class:`SuffixCopies`), so no layer below a window is recomputed for it and each
 layer is called once per pass. Windows that enter at the same layer share one copy until they differ (the edge
 windows truncated at layer 0); a cut row attends only to the prefix columns it keeps; at the top layer only the
-last row is attended. Attention over the prefix is PyTorch's fused kernel on the CPU, joined with each copy's
-own rows by log-sum-exp."""
+last row is attended and passed through the MLP (also in the clean run). Attention over the prefix is PyTorch's
+fused kernel on the CPU, joined with each copy's own rows by log-sum-exp."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from mmflow.cache import env_token_budget
+from mmflow.budget import token_budget_for
 from mmflow.errors import MmflowError
 from mmflow.inputs import Encoded
-from mmflow.models import LlavaModel, decoder_layers, final_norm, num_layers, rotary_embedding
+from mmflow.models import LlavaModel, decoder_layers, final_norm, layer_mlp, num_layers, rotary_embedding
 
 _NEG = -math.inf
 
@@ -62,7 +62,13 @@ def clean_run(model: LlavaModel, encoded: Encoded, keep_cache: bool = False, kee
         keep_cache: keep the K/V cache and each layer's input hidden states (what the fast engine reuses).
         keep_from: keep hidden states from this position on (the fast engine needs them from a flow's first target).
     """
-    out = model(**encoded.inputs, use_cache=keep_cache, output_hidden_states=keep_cache, logits_to_keep=1)
+    top = contextlib.nullcontext()
+    if keep_cache:  # the engine reads every layer's input and keys and values, but only the last row's output
+        top = rows_only(
+            layer_mlp(model, num_layers(model) - 1), torch.tensor([encoded.length - 1], device=model.device)
+        )
+    with top:
+        out = model(**encoded.inputs, use_cache=keep_cache, output_hidden_states=keep_cache, logits_to_keep=1)
     logits = wide(out.logits[0, -1])
     answer = int(logits.argmax())
     p_base = float(torch.softmax(logits, -1)[answer])
@@ -196,6 +202,36 @@ except (AttributeError, RuntimeError):  # pragma: no cover - older PyTorch
     _CPU_FLASH = None
 
 
+@contextlib.contextmanager
+def rows_only(module: torch.nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``module`` (one that works row by row, as a decoder layer's MLP) computes only ``rows``
+    of its input's sequence dimension; the other rows of its output are zeros. The hooks are removed on exit,
+    also on error.
+
+    Example:
+        >>> mlp = torch.nn.Linear(2, 2)
+        >>> with rows_only(mlp, torch.tensor([1])):
+        ...     out = mlp(torch.ones(1, 3, 2))
+        >>> out[0, 0].abs().sum().item(), torch.equal(out[0, 1], mlp(torch.ones(2))), out.shape
+        (0.0, True, torch.Size([1, 3, 2]))
+    """
+    lengths: list[int] = []
+
+    def before(_, args):
+        lengths.append(args[0].shape[1])
+        return (args[0].index_select(1, rows), *args[1:])
+
+    def after(_, args, out):
+        return out.new_zeros(out.shape[0], lengths.pop(), *out.shape[2:]).index_copy_(1, rows, out)
+
+    handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _runs(columns: list[int]) -> list[tuple[int, int]]:
     """Sorted columns as contiguous ``(start, stop)`` runs.
 
@@ -242,43 +278,6 @@ class SuffixCopies:
             out.append(suffix.attend(layer, q, k, v, scaling, parts, last_only=layer == self.top_layer))
             start = rows.stop
         return torch.cat(out, 1), None
-
-
-def device_token_budget(model: LlavaModel, prefix: int, fraction: float = 0.25, cap: int = 8192) -> int:
-    """Most suffix tokens per pass that fit in ``fraction`` of the device's free memory.
-
-    Per token: one layer's activations and its float32 attention scores over the prefix. Rounded down to a
-    power of two (so small changes in free memory do not change the grouping) and capped at ``cap``.
-    """
-    config = model.config.get_text_config()
-    if model.device.type == "cuda":
-        free = torch.cuda.mem_get_info(model.device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    width = torch.finfo(model.dtype).bits // 8
-    per_token = (8 * config.hidden_size + 3 * config.intermediate_size) * width
-    per_token += 3 * config.num_attention_heads * (prefix + 1) * 4  # float32 scores, their exponentials, masks
-    tokens = 1
-    while tokens < cap and 2 * tokens * per_token <= fraction * free:
-        tokens *= 2
-    return tokens
-
-
-def token_budget_for(model: LlavaModel, prefix: int, token_budget: int | None) -> int:
-    """``token_budget`` if given, else ``$MMFLOW_TOKEN_BUDGET`` if set (:func:`env_token_budget`), else
-    :func:`device_token_budget`.
-
-    Raises:
-        MmflowError: for a budget that is not a positive integer, naming where it came from.
-    """
-    if token_budget is None:
-        return env_token_budget() or device_token_budget(model, prefix)
-    if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
-        raise MmflowError(
-            "token_budget must be a positive integer number of tokens (or None: from free memory), "
-            f"got {token_budget!r}"
-        )
-    return token_budget
 
 
 def fast_sweep(
@@ -376,16 +375,20 @@ def _one_pass(model, clean: Clean, flows: list[_Flow], jobs: list[tuple[int, int
                 copies.present[-1][1].append(part)
             else:
                 copies.present.append((flows[f].suffix, [part]))
-        calls = copies.calls
-        hidden = layers[j](
-            hidden,
-            attention_mask=None,
-            position_ids=positions,
-            past_key_values=copies,
-            use_cache=True,
-            position_embeddings=embeddings,
-            copies=copies,
-        )
+        calls, top = copies.calls, contextlib.nullcontext()
+        if j == copies.top_layer:  # above the top layer nothing reads a row but each copy's last
+            ends = torch.tensor([flows[f].s for f in live for _ in members[f]]).cumsum(0) - 1
+            top = rows_only(layer_mlp(model, j), _on_device(ends.tolist(), hidden.device))
+        with top:
+            hidden = layers[j](
+                hidden,
+                attention_mask=None,
+                position_ids=positions,
+                past_key_values=copies,
+                use_cache=True,
+                position_embeddings=embeddings,
+                copies=copies,
+            )
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         if copies.calls == calls:
             raise MmflowError("The fast engine runs only inside knockout_attention(model) (see mmflow.engines)")

@@ -108,7 +108,7 @@ def knockout_sweep(
         engine: a name in :data:`~mmflow.engines.ENGINES` (``"fast"`` or ``"naive"``; same results).
         layers: centre layers (default: every layer).
         token_budget: the fast engine's most suffix tokens per pass; None: ``$MMFLOW_TOKEN_BUDGET`` if set, else
-            what fits in a quarter of the device's free memory (:func:`~mmflow.fast.token_budget_for`).
+            what fits in a quarter of the device's free memory (:func:`~mmflow.budget.token_budget_for`).
         clean: a :func:`~mmflow.engines.clean_run` to reuse (with ``keep_cache=True`` for the fast engine).
 
     Returns:

@@ -53,6 +53,7 @@ class Family:
     layers: str = "layers"  #: decoder layers, relative to the text model
     final_norm: str = "norm"  #: final norm, relative to the text model
     rotary_embedding: str = "rotary_emb"  #: rotary position embedding, relative to the text model
+    mlp: str = "mlp"  #: the feed-forward block, relative to a decoder layer
     #: attention function the knockout wraps when the model runs with eager attention ("module:function")
     eager_attention: str = "transformers.models.llama.modeling_llama:eager_attention_forward"
     #: anyres feature packing (unpadding + newline tokens), None for single-tile families
@@ -316,6 +317,11 @@ def final_norm(model: LlavaModel) -> torch.nn.Module:
 def rotary_embedding(model: LlavaModel) -> torch.nn.Module:
     """The language model's rotary position embedding (``(hidden, position_ids) -> (cos, sin)``)."""
     return _attr(text_model(model), family_of(model).rotary_embedding)
+
+
+def layer_mlp(model: LlavaModel, layer: int) -> torch.nn.Module:
+    """The feed-forward block of decoder layer ``layer`` (``(1, T, hidden) -> (1, T, hidden)``, row by row)."""
+    return _attr(decoder_layers(model)[layer], family_of(model).mlp)
 
 
 def num_layers(model: LlavaModel) -> int:

@@ -14,7 +14,7 @@ import torch
 from test_knockout import ALL_FLOWS, encoded_example
 
 import mmflow_utils as mu
-from mmflow import fast
+from mmflow import budget, fast
 from mmflow.cache import TOKEN_BUDGET_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,8 +62,8 @@ def test_any_window_order_and_pass_size(loaded):
     centres = [5, 0, 3, 3, 1]  # unsorted, repeated: copies enter at their own first layer whatever the order
     reference, flows = assert_engines_agree(model, enc, window=3, layers=centres)
     assert reference.groupby("flow").layer.apply(list).map(lambda layers: layers == sorted(centres)).all()
-    for budget in (1, 7, 10_000):  # one copy per pass, a few, all in one pass
-        again = mu.knockout_sweep(model, enc, flows, window=3, layers=centres, token_budget=budget)
+    for tokens in (1, 7, 10_000):  # one copy per pass, a few, all in one pass
+        again = mu.knockout_sweep(model, enc, flows, window=3, layers=centres, token_budget=tokens)
         assert len(again) == len(reference) and (again.p_new - reference.p_new).abs().max() <= 1e-6
 
 
@@ -86,7 +86,20 @@ def test_exact_in_float64(loaded):
     naive = mu.knockout_sweep(model, enc, flows, window=3, engine="naive")
     fasts = mu.knockout_sweep(model, enc, flows, window=3, engine="fast")
     assert (naive.p_new - fasts.p_new).abs().max() <= 1e-12
+    assert (naive.p_base - fasts.p_base).abs().max() <= 1e-12  # its clean run's top layer: the last row only
     assert naive.rel_change.abs().max() > 1e-3
+
+
+def test_rows_only_leaves_no_hook_behind(loaded):
+    """The top layer's MLP runs on the last rows only through hooks that are gone after a sweep, and after an
+    error inside the block."""
+    model, processor = loaded("llava")
+    mlp = mu.layer_mlp(model, mu.num_layers(model) - 1)
+    with pytest.raises(RuntimeError, match="inside"), fast.rows_only(mlp, torch.tensor([0])):
+        raise RuntimeError("inside")
+    assert not mlp._forward_hooks and not mlp._forward_pre_hooks
+    mu.knockout_sweep(model, encoded_example(model, processor), ["Image->Question"], window=3)
+    assert not mlp._forward_hooks and not mlp._forward_pre_hooks
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -120,20 +133,20 @@ def test_attention_over_blocks_joins_by_log_sum_exp(monkeypatch, fused):
 def test_budget_from_free_memory_and_override(loaded, monkeypatch):
     model, _ = loaded("llava")
     monkeypatch.delenv(TOKEN_BUDGET_ENV, raising=False)
-    roomy = fast.device_token_budget(model, prefix=600)
+    roomy = budget.device_token_budget(model, prefix=600)
     assert roomy & (roomy - 1) == 0 and 1 <= roomy <= 8192  # a power of two, capped
     pages = {"SC_AVPHYS_PAGES": 16, "SC_PAGE_SIZE": 4096}  # 64 KiB free
-    monkeypatch.setattr(fast.os, "sysconf", lambda name: pages[name])
-    tight = fast.device_token_budget(model, prefix=600)
+    monkeypatch.setattr(budget.os, "sysconf", lambda name: pages[name])
+    tight = budget.device_token_budget(model, prefix=600)
     assert tight == 1 < roomy  # float32 scores of one token over 600 keys already exceed a quarter of it
-    assert fast.token_budget_for(model, 600, None) == tight
+    assert budget.token_budget_for(model, 600, None) == tight
     monkeypatch.setenv(TOKEN_BUDGET_ENV, "48")
-    assert fast.token_budget_for(model, 600, None) == 48 and fast.token_budget_for(model, 600, 5) == 5
+    assert budget.token_budget_for(model, 600, None) == 48 and budget.token_budget_for(model, 600, 5) == 5
     monkeypatch.setenv(TOKEN_BUDGET_ENV, "lots")
     with pytest.raises(mu.MmflowError, match="MMFLOW_TOKEN_BUDGET must be a positive integer"):
-        fast.token_budget_for(model, 600, None)
+        budget.token_budget_for(model, 600, None)
     with pytest.raises(mu.MmflowError, match="token_budget must be a positive integer"):
-        fast.token_budget_for(model, 600, 2.5)
+        budget.token_budget_for(model, 600, 2.5)
 
 
 def test_fast_engine_refuses_to_run_outside_the_knockout_attention(loaded):

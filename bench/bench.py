@@ -40,6 +40,7 @@ from transformers import (
 import mmflow_utils as mu
 
 FLOWS = ["Question->Last", "Image->Last", "Last->Last", "Image->Question"]
+FAST_REPEAT = 3  # the fast engine's timings: the median of 3 calls (the naive ones are 32+ forwards long)
 QUESTION, TAIL = 14, 20  # question tokens, then the tail up to the last position ("... ASSISTANT:")
 
 
@@ -134,17 +135,21 @@ def to_device(model, encoded: mu.Encoded, device: str, dtype: torch.dtype):
     return model, encoded
 
 
-def timed(fn, device: str = "cpu"):
-    """``fn()`` and its wall time; on a GPU the second of two calls (the first pays for memory allocation and
+def timed(fn, device: str = "cpu", repeat: int = 1):
+    """``fn()`` and its wall time, the median of ``repeat`` calls (a short call is at the mercy of a moment's
+    noise; a long one averages it); on a GPU after one untimed call (the first pays for memory allocation and
     kernel selection at new shapes), synchronised."""
     if device == "cuda":
         fn()
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return result, sorted(times)[len(times) // 2]
 
 
 def compare(title: str, model, encoded, window: int, sample: list[int] | None = None) -> dict[str, float]:
@@ -171,7 +176,9 @@ def compare(title: str, model, encoded, window: int, sample: list[int] | None = 
             device,
         )
         fast, t_fast = timed(
-            lambda f=flow, c=cached: mu.knockout_sweep(model, encoded, [f], window, "fast", clean=c), device
+            lambda f=flow, c=cached: mu.knockout_sweep(model, encoded, [f], window, "fast", clean=c),
+            device,
+            FAST_REPEAT,
         )
         t_naive *= scale
         naive_total += t_naive
@@ -185,13 +192,13 @@ def compare(title: str, model, encoded, window: int, sample: list[int] | None = 
         with torch.inference_mode():
             mu.clean_run(model, encoded)
 
-    _, t_clean = timed(clean_only, device)
+    _, t_clean = timed(clean_only, device, FAST_REPEAT)
     t_naive = (
         t_clean + naive_total
         if sample is not None
         else timed(lambda: mu.knockout_sweep(model, encoded, FLOWS, window, "naive"), device)[1]
     )
-    _, t_fast = timed(lambda: mu.knockout_sweep(model, encoded, FLOWS, window, "fast"), device)
+    _, t_fast = timed(lambda: mu.knockout_sweep(model, encoded, FLOWS, window, "fast"), device, FAST_REPEAT)
     stats["example"] = t_naive / t_fast
     stats["max_abs_diff"] = max_diff
     print(f"{'example (4+clean)':<18}{t_naive:9.2f}{t_fast:9.3f}{t_naive / t_fast:10.1f}")

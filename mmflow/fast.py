@@ -13,6 +13,7 @@ fused kernel on the CPU, joined with each copy's own rows by log-sum-exp."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -156,9 +157,11 @@ class _Flow:
 
     def kept(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The clean prefix keys and values a cut row still reads (the columns that are not sources), as blocks:
-        views of the cache for a few contiguous runs, else one gathered copy (kept for the sweep)."""
+        views of the cache for one run or a few long ones, else one gathered copy (kept for the sweep; at most an
+        eighth of the prefix unless the runs are many)."""
         keys, values = self.suffix.prefix[layer]
-        if len(self.kept_runs) <= 4:
+        kept = sum(b - a for a, b in self.kept_runs)
+        if len(self.kept_runs) == 1 or (len(self.kept_runs) <= 4 and kept > self.t0 // 8):
             return [(keys[..., a:b, :], values[..., a:b, :]) for a, b in self.kept_runs]
         if layer not in self._kept:
             cols = torch.cat([torch.arange(a, b, device=keys.device) for a, b in self.kept_runs])
@@ -191,7 +194,7 @@ def _attention_lse(query, blocks, scale: float) -> tuple[torch.Tensor, torch.Ten
             parts.append((scores.sub_(lse[..., None]).exp_() @ wide(value), lse))
     if len(parts) == 1:
         return parts[0]
-    lse = torch.logsumexp(torch.stack([lse for _, lse in parts]), 0)
+    lse = functools.reduce(torch.logaddexp, [lse for _, lse in parts])
     return sum(out * (part_lse - lse).exp()[..., None] for out, part_lse in parts), lse
 
 

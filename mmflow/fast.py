@@ -157,11 +157,11 @@ class _Flow:
 
     def kept(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The clean prefix keys and values a cut row still reads (the columns that are not sources), as blocks:
-        views of the cache for one run or a few long ones, else one gathered copy (kept for the sweep; at most an
-        eighth of the prefix unless the runs are many)."""
+        views of the cache for one run (or none) or a few long ones, else one gathered copy (kept for the sweep; at
+        most an eighth of the prefix unless the runs are many)."""
         keys, values = self.suffix.prefix[layer]
         kept = sum(b - a for a, b in self.kept_runs)
-        if len(self.kept_runs) == 1 or (len(self.kept_runs) <= 4 and kept > self.t0 // 8):
+        if len(self.kept_runs) <= 1 or (len(self.kept_runs) <= 4 and kept > self.t0 // 8):
             return [(keys[..., a:b, :], values[..., a:b, :]) for a, b in self.kept_runs]
         if layer not in self._kept:
             cols = torch.cat([torch.arange(a, b, device=keys.device) for a, b in self.kept_runs])

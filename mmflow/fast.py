@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -152,6 +153,8 @@ class _Flow:
         cut_cols = {c for c in sources if c < self.t0}
         self.prefix_runs = _runs(sorted(cut_cols))  # the cut prefix columns as contiguous runs (the image block)
         self.kept_runs = _runs([c for c in range(self.t0) if c not in cut_cols])  # what a cut row still reads
+        kept_columns = sum(b - a for a, b in self.kept_runs)  # as views: one run (or none), or a few long ones
+        self._kept_as_views = len(self.kept_runs) <= 1 or (len(self.kept_runs) <= 4 and kept_columns > self.t0 // 8)
         self._kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.own_cut = target_rows[:, None] & torch.isin(self.positions, sources_t)[None, :] & suffix.causal
 
@@ -160,8 +163,7 @@ class _Flow:
         views of the cache for one run (or none) or a few long ones, else one gathered copy (kept for the sweep; at
         most an eighth of the prefix unless the runs are many)."""
         keys, values = self.suffix.prefix[layer]
-        kept = sum(b - a for a, b in self.kept_runs)
-        if len(self.kept_runs) <= 1 or (len(self.kept_runs) <= 4 and kept > self.t0 // 8):
+        if self._kept_as_views:
             return [(keys[..., a:b, :], values[..., a:b, :]) for a, b in self.kept_runs]
         if layer not in self._kept:
             cols = torch.cat([torch.arange(a, b, device=keys.device) for a, b in self.kept_runs])
@@ -380,8 +382,8 @@ def _one_pass(model, clean: Clean, flows: list[_Flow], jobs: list[tuple[int, int
                 copies.present.append((flows[f].suffix, [part]))
         calls, top = copies.calls, contextlib.nullcontext()
         if j == copies.top_layer:  # above the top layer nothing reads a row but each copy's last
-            ends = torch.tensor([flows[f].s for f in live for _ in members[f]]).cumsum(0) - 1
-            top = rows_only(layer_mlp(model, j), _on_device(ends.tolist(), hidden.device))
+            ends = itertools.accumulate(flows[f].s for f in live for _ in members[f])
+            top = rows_only(layer_mlp(model, j), _on_device([end - 1 for end in ends], hidden.device))
         with top:
             hidden = layers[j](
                 hidden,

@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 
 from mmflow.errors import MmflowError
+from mmflow.images import box_error, conversion_notes, read_rgb, to_rgb
 from mmflow.paper import CHOOSE_TASKS, OBJECT_COLUMNS, TASKS
 
 EMBEDDED_DATA = "shapes"
@@ -39,6 +40,10 @@ class Example:
     _image: Image.Image | None = field(default=None, repr=False)
     #: where the example comes from, for messages (e.g. "x.csv line 7")
     source: str = field(default="", compare=False)
+    #: the folder ``image_path`` must lie in, links resolved (the GQA image folder); None: not confined
+    image_dir: str | None = field(default=None, compare=False, repr=False)
+    #: the CSV column prefix of each box, for messages (e.g. "object1"); empty: boxes are named by their number
+    box_columns: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def where(self) -> str:
@@ -51,21 +56,29 @@ class Example:
         return (self.true_option, self.false_option) if self.true_option and self.false_option else ()
 
     def image(self) -> Image.Image:
-        """The RGB image (loaded from ``image_path`` on demand).
+        """The RGB image (loaded from ``image_path`` on demand), converted by :func:`mmflow.images.to_rgb`.
 
         Raises:
-            MmflowError: naming the example and the file if it is missing or unreadable.
+            MmflowError: naming the example and the file if it is missing, unreadable, of a refused mode, or leads
+                outside ``image_dir``.
         """
         if self._image is not None:
-            return self._image
-        path = Path(str(self.image_path))
-        if not path.is_file():
-            raise MmflowError(f"Image of {self.where} not found: {path}")
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except (OSError, Image.DecompressionBombError) as err:
-            raise MmflowError(f"Image of {self.where} is not a readable image: {path} ({err})") from err
+            return to_rgb(self._image, f"Image of {self.where}")
+        root = Path(self.image_dir) if self.image_dir is not None else None
+        return read_rgb(Path(str(self.image_path)), f"Image of {self.where}", root)[0]
+
+    def decoded(self) -> tuple[Example, list[str]]:
+        """This example with its image decoded and held, and where the conversion changed something
+        (:func:`mmflow.images.conversion_notes`: what ``make check-data`` lists).
+
+        Raises:
+            MmflowError: as :meth:`image`.
+        """
+        if self._image is not None:
+            return replace(self, _image=self.image()), conversion_notes(self._image)
+        root = Path(self.image_dir) if self.image_dir is not None else None
+        image, notes = read_rgb(Path(str(self.image_path)), f"Image of {self.where}", root)
+        return replace(self, _image=image), notes
 
     def with_image(self) -> Example:
         """This example with its image decoded and held, so that its digest and its computation decode it once;
@@ -148,7 +161,7 @@ def example_from_row(
             f"{where}: columns 'image_w' and 'image_h' must be positive numbers, got "
             f"{row.get('image_w')!r} and {row.get('image_h')!r}"
         )
-    objects, boxes = [], []
+    objects, boxes, columns = [], [], []
     has_box_columns = any(f"{prefix} {c}" in row for prefix in OBJECT_COLUMNS[task] for c in "xywh")
     for prefix in OBJECT_COLUMNS[task]:
         name = str(row.get(f"{prefix} name") or "").strip()
@@ -156,9 +169,14 @@ def example_from_row(
             objects.append(name)
         coords = [_number(row, f"{prefix} {c}", where) for c in "xywh"]
         if all(c is not None for c in coords):
-            if coords[2] <= 0 or coords[3] <= 0:
-                raise MmflowError(f"{where}: box of '{prefix}' must have a positive width and height ({coords})")
+            problem = box_error(tuple(coords))
+            if problem:
+                qid = str(row.get("question_id")).strip()
+                raise MmflowError(
+                    f"{where}, question_id {qid}: column '{prefix} {problem[0]}': box of '{prefix}' {problem[1]}"
+                )
             boxes.append(tuple(coords))
+            columns.append(prefix)
         elif any(c is not None for c in coords):
             raise MmflowError(f"{where}: incomplete box for '{prefix}' ({dict(zip('xywh', coords))})")
     true_opt, false_opt = (str(row.get(c) or "").strip() or None for c in ("true option", "false option"))
@@ -177,6 +195,7 @@ def example_from_row(
         image_path=image_path,
         _image=image,
         source=where,
+        box_columns=tuple(columns),
     )
 
 
@@ -195,7 +214,8 @@ def _required_columns(task: str) -> list[str]:
 
 
 def image_file(image_dir: str | Path, img_id: str, where: str) -> Path:
-    """The image ``<image_dir>/<img_id>.jpg``, with ``img_id`` confined to a plain file name.
+    """The image ``<image_dir>/<img_id>.jpg``, with ``img_id`` confined to a plain file name (a symbolic link that
+    leads outside ``image_dir`` is refused when the image is read: :func:`mmflow.images.confined`).
 
     Raises:
         MmflowError: naming ``where`` for an id with a path separator, ``..``, a NUL byte, or nothing at all.
@@ -265,7 +285,8 @@ def iter_gqa(
             where = f"{path.name} line {line}"
             try:
                 image_path = image_file(image_dir, str(row.get("img_id", "")).strip(), where)
-                yield task, where, example_from_row(row, task, where, image_path=str(image_path)), None
+                example = example_from_row(row, task, where, image_path=str(image_path))
+                yield task, where, replace(example, image_dir=str(image_dir)), None
             except MmflowError as err:
                 yield task, where, None, err
 

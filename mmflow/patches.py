@@ -25,15 +25,22 @@ Box = tuple[float, float, float, float]  # (x, y, w, h) in original-image pixels
 def box_mask(size: tuple[int, int], boxes: Iterable[Sequence[float]]) -> Image.Image:
     """An RGB mask of an image of ``size`` (W, H): boxes ``(x, y, w, h)`` red, everything else green.
 
+    A box marks the pixels it covers inside the image, and only those: the part past any edge is clipped, so a box
+    at negative coordinates or past the far edge marks nothing outside it (never a slice counted from the far end).
+    Which boxes the data may hold is :func:`mmflow.images.box_issues`'s rule.
+
     Example:
         >>> np.asarray(box_mask((4, 2), [(1, 0, 2, 1)]))[:, :, 0].tolist()
         [[0, 255, 255, 0], [0, 0, 0, 0]]
+        >>> int(np.asarray(box_mask((64, 48), [(-30, -30, 10, 12)]))[:, :, 0].sum())
+        0
     """
     mask = Image.new("RGB", size, (0, 255, 0))
     pixels = np.asarray(mask).copy()
+    width, height = size
     for x, y, w, h in boxes:
-        x0, y0 = max(0, math.floor(x)), max(0, math.floor(y))
-        x1, y1 = min(size[0], math.ceil(x + w)), min(size[1], math.ceil(y + h))
+        x0, y0 = min(width, max(0, math.floor(x))), min(height, max(0, math.floor(y)))
+        x1, y1 = max(x0, min(width, math.ceil(x + w))), max(y0, min(height, math.ceil(y + h)))
         pixels[y0:y1, x0:x1] = (255, 0, 0)
     return Image.fromarray(pixels)
 

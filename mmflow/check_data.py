@@ -3,14 +3,17 @@
 Reads only the checkpoint's config and processor (no weights: the patch geometry comes from a weightless skeleton
 on the meta device), and for every row of the paper's CSVs: is the row well formed, is its image there and of the
 stated size, where are its options and objects in the question (and by which rule), how many image tokens are
-related / other patches, and would a flow be skipped. Prints a per-task table and every row that would be skipped,
-with its file, line and reason.
+related / other patches, and would a flow be skipped; is a question_id used twice (a run refuses that); what does
+the image conversion change (alpha, 16-bit scaling, EXIF orientation: :mod:`mmflow.images`) and which boxes reach
+past the image. Prints a per-task table and every row that would be skipped or has a note, with its file, line and
+reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import pandas as pd
 
 from mmflow.data import iter_gqa, parse_n
 from mmflow.errors import MmflowError
+from mmflow.images import box_issues
 from mmflow.inputs import encode_example, resolve_inputs
 from mmflow.models import load_processor
 from mmflow.paper import TASKS
@@ -40,10 +44,13 @@ SUMMARY_COLUMNS = (
 def check_rows(
     model: str, data: str, images: str, tasks: Sequence[str] = TASKS, n: int | None = None, inputs: str | None = None
 ) -> pd.DataFrame:
-    """One record per CSV row: ``task, location, question_id, usable, reason, options, objects, related, other``.
+    """One record per CSV row: ``task, location, question_id, usable, reason, notes, options, objects, related,
+    other``.
 
-    ``usable`` is False, with the ``reason``, for a malformed row, a missing, unreadable or wrongly sized image, or
-    an input that cannot be built; option and object locations that fail are noted (no notebook flow needs them).
+    ``usable`` is False, with the ``reason``, for a malformed row, a missing, unreadable, refused or wrongly sized
+    image, a box outside the image, a question_id another row also uses, or an input that cannot be built; option
+    and object locations that fail are noted (no notebook flow needs them). ``notes`` says what the image
+    conversion changes and which boxes are clipped by more than :data:`~mmflow.images.BOX_EDGE_SLACK` pixels.
     """
     skeleton, processor = load_processor(model)
     mode = resolve_inputs(inputs, model)
@@ -55,6 +62,7 @@ def check_rows(
             "question_id": example.example_id if example else None,
             "usable": False,
             "reason": str(error) if error else "",
+            "notes": "",
             "options": "",
             "objects": "",
             "related": None,
@@ -62,6 +70,9 @@ def check_rows(
         }
         if example is not None:
             try:
+                record["notes"] = "; ".join(box_issues(example.image_size, example.boxes, example.box_columns)[1])
+                example, notes = example.decoded()
+                record["notes"] = "; ".join(notes + ([record["notes"]] if record["notes"] else []))
                 patches = example.boxes is not None
                 encoded = encode_example(processor, example, model=skeleton, inputs=mode, patches=patches)
             except MmflowError as err:
@@ -82,7 +93,31 @@ def check_rows(
                 elif not patches:
                     record["reason"] = "no box columns: the patch flows cannot run"
         records.append(record)
+    flag_duplicate_ids(records)
     return pd.DataFrame(records)
+
+
+def flag_duplicate_ids(records: list[dict[str, Any]]) -> None:
+    """Mark every record whose question_id another record also uses (in any file) not usable, naming the other
+    places: a run refuses such data (:func:`mmflow.cache.check_unique_ids`), since one result would replace the
+    other in every table.
+
+    Example:
+        >>> records = [{"question_id": "7", "location": f"a.csv line {i}", "usable": True, "reason": ""} for i in "25"]
+        >>> flag_duplicate_ids(records)
+        >>> records[1]["usable"], records[1]["reason"]
+        (False, "question_id '7' is also used at a.csv line 2: a run refuses duplicate ids")
+    """
+    places = defaultdict(list)
+    for record in records:
+        if record["question_id"] is not None:
+            places[record["question_id"]].append(record["location"])
+    for record in records:
+        others = [p for p in places.get(record["question_id"], []) if p != record["location"]]
+        if others:
+            reason = f"question_id {record['question_id']!r} is also used at {', '.join(others)}: a run refuses "
+            reason += "duplicate ids" + (f"; {record['reason']}" if record["reason"] else "")
+            record.update(usable=False, reason=reason)
 
 
 def summary(rows: pd.DataFrame) -> pd.DataFrame:
@@ -132,11 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
         print(summary(rows).to_string(index=False))
-        flagged = rows[rows.reason != ""]
+        flagged = rows[(rows.reason != "") | (rows.notes != "")]
         if len(flagged):
-            print(f"\n{len(flagged)} rows to look at (skipped, or a flow that would be skipped):")
+            print(f"\n{len(flagged)} rows to look at (skipped, a flow that would be skipped, or a note):")
             for record in flagged.itertuples():
-                print(f"  {record.location} (question_id {record.question_id}): {record.reason}")
+                said = [record.reason] if record.reason else []
+                said += [f"note: {record.notes}"] if record.notes else []
+                print(f"  {record.location} (question_id {record.question_id}): {'; '.join(said)}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         rows.to_csv(args.out, index=False)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from mmflow.data import Example
 from mmflow.errors import MmflowError
+from mmflow.images import box_issues, to_rgb
 from mmflow.models import EMBEDDED_MODEL, LlavaModel
 from mmflow.paper import INPUTS, INSTRUCTION, LLAMA3_SUFFIX, LLAMA3_SYSTEM, PAPER_USER, llava15_prompt, vicuna_prompt
 from mmflow.patches import model_view, patch_groups
@@ -165,7 +166,8 @@ def encode(
         which rule found each option and object, or that it was not found (then its group is absent).
 
     Raises:
-        MmflowError: if the image is not a PIL image, or the question is not in the prompt.
+        MmflowError: if the image is not a PIL image or of a mode :func:`~mmflow.images.to_rgb` refuses, or the
+            question is not in the prompt.
     """
     if not isinstance(image, Image.Image):
         raise MmflowError(f"Expected a PIL image, got {type(image).__name__}")
@@ -177,7 +179,7 @@ def encode(
         raise MmflowError(f"Question {question!r} not found in the prompt {prompt!r}")
     q_span = (q_start, q_start + len(question))
     batch = processor(
-        images=model_view(image.convert("RGB"), processor, config, inputs),
+        images=model_view(to_rgb(image), processor, config, inputs),
         text=prompt,
         return_offsets_mapping=True,
         return_tensors="pt",
@@ -237,7 +239,7 @@ def encode_example(
 
     Raises:
         MmflowError: naming the example if its image is not of the size the data states, or if patch groups are
-            asked for and the data has no box columns.
+            asked for and the data has no box columns or a box breaks the rule of :func:`~mmflow.images.box_issues`.
     """
     image = example.image()
     if image.size != tuple(example.image_size):
@@ -254,6 +256,9 @@ def encode_example(
                 f"{example.where}: the data has no box columns (e.g. 'central object x/y/w/h'), which the patch "
                 "groups (related/other patches) need"
             )
+        errors, _ = box_issues(example.image_size, example.boxes, example.box_columns)
+        if errors:
+            raise MmflowError(f"{example.where}: {'; '.join(errors)}; the patch groups need every box in the image")
         groups = patch_groups(model, processor, encoded.groups["image"], example.image_size, example.boxes, inputs)
         encoded.groups.update(groups)
     return encoded

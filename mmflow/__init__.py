@@ -5,6 +5,7 @@ Modules, from the leaves up (each imports only from modules above it):
 =========  ===========================================================================================
 paper      the paper's vocabulary: tasks, flows, prompt template, window rule (no torch)
 errors     :class:`MmflowError`
+images     image files to RGB (one conversion for runs and check-data), the image folder, boxes against the image
 models     the model-family table, loading, where layers / rotary / final norm / feature packing live
 patches    box masks through the processor's geometry: related / other image patches
 data       :class:`Example`, the shapes world and the paper's GQA CSVs

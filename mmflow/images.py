@@ -10,7 +10,7 @@ The rules (the run and check-data apply the same functions):
   transparent pixel.
 * 16-bit grey (I;16, I;16L, I;16B, I;16N) and 32-bit integer grey (I, read as 16-bit: values 0..65535) are scaled
   to 8 bits, ``round(v / 257)``, so 65535 becomes 255 (``convert("RGB")`` would clip every value above 255 to
-  white). An ``I`` image with values outside 0..65535 is refused.
+  white). An ``I`` image with values outside 0..65535, or a 16-bit one with transparency, is refused.
 * Other modes (F: 32-bit float, whose range is not defined; I;16S, LAB, HSV, ...) are refused, naming the mode.
 * EXIF orientation is not applied: pixels are read as stored, as the paper's code and the llava-hf processors do
   with a PIL image, so ``image_w``/``image_h`` and the boxes are taken in stored pixels.
@@ -47,6 +47,10 @@ def has_alpha(image: Image.Image) -> bool:
 
 def _sixteen_to_eight(image: Image.Image, name: str) -> Image.Image:
     """A 16-bit (or ``I``) grey image as 8-bit RGB, ``round(v / 257)``; refused if a value lies outside 0..65535."""
+    if has_alpha(image):
+        raise MmflowError(
+            f"{name}: image mode {image.mode!r} with transparency is not supported; save it as 8-bit RGBA"
+        )
     values = np.asarray(image).astype(np.int64)
     if values.size and (values.min() < 0 or values.max() > 65535):
         raise MmflowError(
@@ -110,7 +114,8 @@ def conversion_notes(image: Image.Image) -> list[str]:
     """
     notes = []
     if image.mode in SIXTEEN_BIT_MODES:
-        notes.append(f"{image.mode} ({'32-bit integer' if image.mode == 'I' else '16-bit'}) grey: scaled to 8 bits")
+        bits = "32-bit integer, read as 16-bit" if image.mode == "I" else "16-bit"
+        notes.append(f"{image.mode} ({bits}) grey: scaled to 8 bits")
     elif has_alpha(image) and image.mode in PLAIN_MODES + ALPHA_MODES:
         alpha = np.asarray(image.convert("RGBA"))[..., 3]
         see_through = int((alpha < 255).sum())

@@ -140,12 +140,18 @@ def test_16_bit_modes_are_scaled_alike(mode):
         image = Image.frombytes("I;16B", (64, 48), values.astype(">u2").tobytes())
     assert image.mode == mode
     assert (np.asarray(to_rgb(image)) == expected_eight(values)[..., None]).all()
-    assert conversion_notes(image) and "scaled to 8 bits" in conversion_notes(image)[0]
+    assert conversion_notes(image) == [
+        f"{mode} ({'32-bit integer, read as 16-bit' if mode == 'I' else '16-bit'}) grey: scaled to 8 bits"
+    ]
 
 
 def test_a_32_bit_image_out_of_16_bit_range_and_float_images_are_refused_by_name(gqa):
     with pytest.raises(mu.MmflowError, match="mode 'I' with values 0..70000 outside 0..65535"):
         to_rgb(Image.fromarray(np.array([[0, 70000]], np.int32)), "x")
+    keyed = Image.fromarray(grey16())
+    keyed.info["transparency"] = 0  # a 16-bit colour key: no alpha rule for it, so refused rather than dropped
+    with pytest.raises(mu.MmflowError, match="mode 'I;16' with transparency is not supported"):
+        to_rgb(keyed, "x")
     csvs, images = gqa
     Image.fromarray(np.ones((48, 64), np.float32)).save(images / "img1.jpg", format="TIFF")
     write(csvs / TASK_FILE, [query_row()])

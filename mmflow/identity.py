@@ -25,7 +25,7 @@ from pathlib import Path
 from mmflow.checkpoints import Located, locate
 
 #: the index of file digests, in the results cache folder
-INDEX_FILE = "model-file-digests.json"
+INDEX_FILE = "model-file-digests.index"  # JSON; not *.json, which holds results
 SHA256 = re.compile(r"[0-9a-f]{64}")
 #: an index entry is trusted only if the file had not changed for this long when it was hashed (racy writes)
 SETTLED_NS = 1_000_000_000

@@ -180,9 +180,11 @@ def load_model(
 
     torch_dtype = check_dtype_device(dtype, device)
     located = locate(name_or_path, local_files_only)
-    use_safetensors = (check_checkpoint_folder(located.folder) or None) if located.folder else None
+    if located.folder:
+        check_configs(located.folder)
     where = located.folder or name_or_path
     cls = getattr(transformers, family_of(_config(located, where)).model_class)
+    use_safetensors = (check_checkpoint_folder(located.folder) or None) if located.folder else None
     try:
         model, info = cls.from_pretrained(
             located.path,

@@ -252,15 +252,18 @@ def offline(local_files_only: bool | None) -> bool:
 
 
 def _hub_reachable(repo_id: str, name: str) -> None:
-    """Raise at once unless the hub answers for ``repo_id`` within 3 s (one request, no retries)."""
-    from huggingface_hub import model_info
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    """Raise at once unless the hub answers for ``repo_id`` within 1.5 s (one request, no retries)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
-        model_info(repo_id, timeout=3)
+        HfApi().model_info(repo_id, timeout=1.5)
     except RepositoryNotFoundError:
-        raise MmflowError(f"Model '{name}': no local folder of that name and no such model on the hub") from None
-    except (OSError, HfHubHTTPError) as err:
+        raise MmflowError(
+            f"Model '{name}': no local folder of that name, and the hub has no such model (or it is private: log "
+            "in with `huggingface-cli login`). The embedded model 'shapes-llava' needs no download."
+        ) from None
+    except Exception as err:  # noqa: BLE001 (any failure to get an answer: the network library's own errors)
         raise MmflowError(
             f"Model '{name}' is not in the local Hugging Face cache ({hub_cache_dir()}) and the hub cannot be "
             f"reached ({err.__class__.__name__}). " + DOWNLOAD_HINT.format(name=name)

@@ -185,3 +185,16 @@ def test_a_hub_id_not_in_the_cache_fails_fast_offline(tmp_path, monkeypatch):
     message = str(err.value)
     assert "llava-hf/llava-1.5-7b-hf" in message and "huggingface-cli download llava-hf/llava-1.5-7b-hf" in message
     assert "'shapes-llava'" in message and err.value.__cause__ is None and len(message) < 600
+
+
+def test_a_hub_id_not_in_the_cache_fails_fast_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.perf_counter()
+    with pytest.raises(mu.MmflowError, match=r"not in the local Hugging Face cache .* and the hub cannot be reached"):
+        mu.load_model("llava-hf/llava-1.5-7b-hf")
+    assert time.perf_counter() - start < 2

@@ -89,7 +89,8 @@ class DigestIndex:
         """The file's SHA-256: remembered if the file is unchanged since it was hashed, else streamed."""
         name, key = os.path.abspath(path), _stat_key(path)
         entry = self.entries.get(name)
-        if isinstance(entry, dict) and {k: entry.get(k) for k in key} == key and SHA256.fullmatch(str(entry["sha256"])):
+        entry = entry if isinstance(entry, dict) else {}
+        if {k: entry.get(k) for k in key} == key and SHA256.fullmatch(str(entry.get("sha256"))):
             return entry["sha256"]
         started = time.time_ns()
         digest = stream_sha256(path)

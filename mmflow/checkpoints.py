@@ -284,7 +284,9 @@ def locate(name_or_path: str, local_files_only: bool | None = None) -> Located:
         if not (folder / "config.json").is_file():
             raise MmflowError(f"Model folder {folder} holds no config.json")
         return Located(str(folder), folder)
-    if folder.exists() or folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
+    if folder.exists():
+        raise MmflowError(f"Model folder {path} ({folder.resolve()}) is a file, not a folder")
+    if folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
         raise MmflowError(f"Model folder {path} ({folder.resolve()}) not found")
     snapshot = cached_snapshot(path)
     if snapshot is not None:

@@ -162,14 +162,17 @@ def load_model(
         name_or_path: ``"shapes-llava"`` (embedded), a hub id, or a local checkpoint folder.
         device: torch device to move the model to.
         dtype: one of :data:`DTYPES` (or a torch dtype), passed to ``from_pretrained``.
-        local_files_only: default: True when ``HF_HUB_OFFLINE`` is set.
+        local_files_only: default: True when ``HF_HUB_OFFLINE`` is set. A hub id found in the local Hugging Face
+            cache is always loaded from its snapshot folder, without the network.
 
     Returns:
         ``(model, processor)``, the model in eval mode.
 
     Raises:
         MmflowError: for a bad dtype or device, a missing or broken folder (see :func:`check_checkpoint_folder`),
-            a hub id that is not cached offline, custom code, or an unsupported family.
+            a hub id that is not cached while offline or the hub is unreachable, custom code, an unsupported family,
+            or weights that do not match the model (a missing, unexpected or wrongly shaped tensor), naming the
+            folder and the first offending tensor.
 
     Example:
         >>> model, processor = load_model("shapes-llava")

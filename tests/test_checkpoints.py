@@ -183,6 +183,7 @@ def test_a_new_cache_folder_is_fine(tmp_path):
         ({"out_dir": "{tmp}/afile"}, r"out_dir '.*afile' .* is not a folder"),
         ({"cache_dir": "{tmp}/afile"}, r"cache_dir '.*afile' .* is not a folder"),
         ({"model": "./no/such/model"}, r"Model folder ./no/such/model .* not found"),
+        ({"model": "{tmp}/afile"}, r"Model folder .*afile .* is a file, not a folder"),
     ],
 )
 def test_study_checks_every_parameter_before_the_weights(tmp_path, no_weights_loaded, params, message):

@@ -19,15 +19,21 @@ Adding a family is one :class:`Family` entry in :data:`FAMILIES` plus a test tha
 from __future__ import annotations
 
 import importlib
-import json
-import os
 from dataclasses import dataclass
 from functools import reduce
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmflow.checkpoints import (  # noqa: F401 (re-exported)
+    EMBEDDED_MODEL,
+    EMBEDDED_MODEL_DIR,
+    REPO_DIR,
+    check_checkpoint_folder,
+    check_configs,
+    check_safetensors,
+    locate,
+)
 from mmflow.errors import MmflowError
 
 if TYPE_CHECKING:
@@ -36,10 +42,6 @@ if TYPE_CHECKING:
     LlavaModel = LlavaForConditionalGeneration | LlavaNextForConditionalGeneration
 else:
     LlavaModel = Any
-
-REPO_DIR = Path(__file__).resolve().parent.parent
-EMBEDDED_MODEL = "shapes-llava"
-EMBEDDED_MODEL_DIR = REPO_DIR / "shapes_world" / "shapes-llava"
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,6 @@ def resolve_model_path(name_or_path: str) -> str:
 
 #: Dtypes a model can be loaded in.
 DTYPES = ("float32", "float16", "bfloat16")
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
-PROCESSOR_FILES = (
-    ("preprocessor_config.json", "processor_config.json"),
-    ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"),
-)
 
 
 def check_dtype_device(dtype: str | torch.dtype, device: str) -> torch.dtype:
@@ -125,88 +122,32 @@ def check_dtype_device(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise MmflowError(f"{path} does not parse as JSON ({err})") from err
-    if not isinstance(content, dict):
-        raise MmflowError(f"{path} does not hold a JSON object")
-    if "auto_map" in content:
-        raise MmflowError(
-            f"{path} asks for custom code (auto_map {content['auto_map']}): mmflow never runs code from "
-            "a checkpoint folder; use a checkpoint in the standard transformers format"
-        )
-    return content
-
-
-def check_safetensors(path: Path) -> None:
-    """Check that a ``.safetensors`` file holds every byte its header describes.
+def _check_loaded(model: Any, info: dict[str, Any], where: str) -> None:
+    """Raise unless every tensor of the model came from the checkpoint, with its shape, and nothing was left over
+    (tied weights and non-persistent buffers are not reported by transformers).
 
     Raises:
-        MmflowError: naming the file if it is truncated or its header is unreadable.
+        MmflowError: naming the folder and the first offending tensor.
     """
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or 8 + n > size:
-            raise MmflowError(f"Weight file {path} is truncated: {size} bytes, too short for its header")
-        try:
-            header = json.loads(handle.read(n))
-        except ValueError as err:
-            raise MmflowError(f"Weight file {path} has an unreadable header ({err})") from err
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise MmflowError(f"Weight file {path} is truncated: {size} bytes, its header describes {8 + n + end}")
-
-
-def check_checkpoint_folder(folder: Path) -> bool:
-    """Check a local checkpoint folder before any weight is loaded.
-
-    Returns:
-        Whether its weights are in safetensors files (then preferred).
-
-    Raises:
-        MmflowError: for a missing or unparsable config.json, custom code (``auto_map``), missing or truncated
-            weights, or missing processor files, each naming the file.
-    """
-    if not (folder / "config.json").is_file():
-        raise MmflowError(f"Model folder {folder} holds no config.json")
-    _read_json(folder / "config.json")
-    for alternatives in PROCESSOR_FILES:
-        found = [folder / name for name in alternatives if (folder / name).is_file()]
-        if not found:
-            raise MmflowError(f"Model folder {folder} lacks its processor: none of {list(alternatives)} is there")
-        for path in found:
-            if path.suffix == ".json":
-                _read_json(path)
-    safetensors = sorted(folder.glob(WEIGHT_FILES[0]))
-    if not safetensors and not sorted(folder.glob(WEIGHT_FILES[1])):
-        raise MmflowError(f"Model folder {folder} holds no weights ({' or '.join(WEIGHT_FILES)})")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        missing = sorted({f for f in _read_json(index).get("weight_map", {}).values() if not (folder / f).is_file()})
-        if missing:
-            raise MmflowError(f"{index} names weight files that are missing: {missing}")
-    for path in safetensors:
-        check_safetensors(path)
-    return bool(safetensors)
-
-
-def _locate(name_or_path: str, local_files_only: bool | None) -> tuple[str, Path, dict[str, Any]]:
-    """(path, folder, from_pretrained options) of a model name; a local folder's config is checked first."""
-    path = resolve_model_path(name_or_path)
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise MmflowError(f"Model folder {folder} holds no config.json")
-        _read_json(folder / "config.json")  # parses, and asks for no custom code
-    elif folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
-        raise MmflowError(f"Model folder {path} ({folder.resolve()}) not found")
-    if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    return path, folder, {"local_files_only": local_files_only, "trust_remote_code": False}
+    problems = [
+        (
+            sorted(info["missing_keys"]),
+            "lacks tensor {}, which {} needs (an incomplete checkpoint, or a config "
+            "whose model_type does not match its weights)",
+        ),
+        (
+            sorted(info["unexpected_keys"]),
+            "holds tensor {}, which {} does not have (a config whose model_type does not match its weights?)",
+        ),
+        (
+            sorted(f"{k} (checkpoint shape {list(a)}, model shape {list(b)})" for k, a, b in info["mismatched_keys"]),
+            "holds tensor {} of the wrong shape for {}",
+        ),
+    ]
+    for keys, message in problems:
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise MmflowError(f"Checkpoint {where} " + message.format(keys[0] + more, type(model).__name__))
 
 
 def load_model(
@@ -221,47 +162,77 @@ def load_model(
         name_or_path: ``"shapes-llava"`` (embedded), a hub id, or a local checkpoint folder.
         device: torch device to move the model to.
         dtype: one of :data:`DTYPES` (or a torch dtype), passed to ``from_pretrained``.
-        local_files_only: default: True when ``HF_HUB_OFFLINE`` is set.
+        local_files_only: default: True when ``HF_HUB_OFFLINE`` is set. A hub id found in the local Hugging Face
+            cache is always loaded from its snapshot folder, without the network.
 
     Returns:
         ``(model, processor)``, the model in eval mode.
 
     Raises:
         MmflowError: for a bad dtype or device, a missing or broken folder (see :func:`check_checkpoint_folder`),
-            a hub id that is not cached offline, custom code, or an unsupported family.
+            a hub id that is not cached while offline or the hub is unreachable, custom code, an unsupported family,
+            or weights that do not match the model (a missing, unexpected or wrongly shaped tensor), naming the
+            folder and the first offending tensor.
 
     Example:
         >>> model, processor = load_model("shapes-llava")
         >>> num_layers(model)
         8
     """
-    from transformers import AutoConfig, AutoProcessor
-
-    torch_dtype = check_dtype_device(dtype, device)
-    path, folder, safe = _locate(name_or_path, local_files_only)
-    try:
-        config = AutoConfig.from_pretrained(path, **safe)
-    except (OSError, ValueError) as err:
-        if "trust_remote_code" in str(err):
-            raise MmflowError(
-                f"Model '{name_or_path}' asks for custom code: mmflow never runs code from a "
-                "checkpoint; use a checkpoint in the standard transformers format"
-            ) from err
-        raise MmflowError(
-            f"Model '{name_or_path}' is not available: no local folder of that name and not in the Hugging Face "
-            f"cache ({err.__class__.__name__}). Download it where there is network, e.g. "
-            f"`huggingface-cli download {name_or_path}`, or pass the path of a local folder holding the "
-            "checkpoint and its processor. The embedded default model is 'shapes-llava'."
-        ) from err
     import transformers
 
-    cls = getattr(transformers, family_of(config).model_class)
-    use_safetensors = (check_checkpoint_folder(folder) or None) if folder.is_dir() else None
-    model = cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=use_safetensors, **safe)
+    torch_dtype = check_dtype_device(dtype, device)
+    located = locate(name_or_path, local_files_only)
+    if located.folder:
+        check_configs(located.folder)
+    where = located.folder or name_or_path
+    cls = getattr(transformers, family_of(_config(located, where)).model_class)
+    use_safetensors = (check_checkpoint_folder(located.folder) or None) if located.folder else None
+    try:
+        model, info = cls.from_pretrained(
+            located.path,
+            dtype=torch_dtype,
+            use_safetensors=use_safetensors,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below as an MmflowError, not transformers' RuntimeError
+            **_safe(located),
+        )
+    except (OSError, RuntimeError, ValueError) as err:
+        raise MmflowError(f"Checkpoint {where}: its weights cannot be loaded ({_first_line(err)})") from None
+    _check_loaded(model, info, str(where))
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path, **safe)
+    processor = _processor(located, where)
     decoder_layers(model)  # fail early if the language model has no layer-indexed attention
     return model, processor
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+
+
+def _safe(located: Any) -> dict[str, Any]:
+    """from_pretrained options: never run checkpoint code; a located folder is read without the hub."""
+    return {"local_files_only": located.folder is not None, "trust_remote_code": False}
+
+
+def _config(located: Any, where: Any) -> Any:
+    """The located checkpoint's transformers config."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(located.path, **_safe(located))
+    except (OSError, ValueError) as err:
+        raise MmflowError(f"Checkpoint {where}: its config.json cannot be read ({_first_line(err)})") from None
+
+
+def _processor(located: Any, where: Any) -> Any:
+    """The located checkpoint's processor."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(located.path, **_safe(located))
+    except (OSError, ValueError, TypeError) as err:
+        raise MmflowError(f"Checkpoint {where}: its processor cannot be loaded ({_first_line(err)})") from None
 
 
 def load_processor(name_or_path: str, local_files_only: bool | None = None) -> tuple[Any, Any]:
@@ -274,16 +245,14 @@ def load_processor(name_or_path: str, local_files_only: bool | None = None) -> t
     Raises:
         MmflowError: as :func:`load_model` does for the folder, the config and custom code.
     """
-    from transformers import AutoConfig, AutoProcessor
-
-    path, folder, safe = _locate(name_or_path, local_files_only)
-    try:
-        config = AutoConfig.from_pretrained(path, **safe)
-        processor = AutoProcessor.from_pretrained(path, **safe)
-    except (OSError, ValueError) as err:
-        raise MmflowError(f"Model '{name_or_path}': its config or processor cannot be read ({err})") from err
     import transformers
 
+    located = locate(name_or_path, local_files_only)
+    if located.folder:
+        check_configs(located.folder)
+    where = located.folder or name_or_path
+    config = _config(located, where)
+    processor = _processor(located, where)
     with torch.device("meta"):
         skeleton = getattr(transformers, family_of(config).model_class)(config)
     return skeleton, processor

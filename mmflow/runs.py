@@ -4,20 +4,33 @@ the results cache (:mod:`mmflow.cache`) and accounts for every one of them."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
 from mmflow.cache import ResultCache, check_unique_ids, config_key, run_cached
+from mmflow.checkpoints import locate
 from mmflow.data import Example
 from mmflow.errors import MmflowError
+from mmflow.identity import Identity, model_identity
 from mmflow.inputs import Encoded, encode_example, resolve_inputs
 from mmflow.knockout import check_flows, check_window, has_empty_group, knockout_sweep
 from mmflow.lens import ANSWER, FALSE_OPTION, LENS_VIEWS, answer_token_ids, logit_lens, token_label
-from mmflow.models import EMBEDDED_MODEL, REPO_DIR, LlavaModel, decoder_layers, load_model, num_layers
+from mmflow.models import (
+    EMBEDDED_MODEL,
+    REPO_DIR,
+    LlavaModel,
+    check_dtype_device,
+    decoder_layers,
+    load_model,
+    num_layers,
+)
 from mmflow.paper import Flow, default_window, flow_name, flows_need_patches
 
 DEFAULT_CACHE_DIR = REPO_DIR / "results"
@@ -83,12 +96,35 @@ def _without_paths(config: Any) -> Any:
     return config
 
 
-def model_fingerprint(model: LlavaModel) -> str:
-    """Identify a model for cache keys: its config (without local paths) and a checksum of its weights, so the
-    same weights in two folders share results."""
-    checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
+def model_fingerprint(model: LlavaModel, identity: Identity) -> str:
+    """Identify a model for cache keys: its loaded config (without local paths) and the SHA-256 identity of every
+    file of its checkpoint (:mod:`mmflow.identity`), so the same files in two folders share results and any changed
+    byte (weights, config, processor, tokenizer, chat template) gets new ones."""
     config = json.dumps(_without_paths(model.config.to_dict()), sort_keys=True, default=str)
-    return f"{config}|{checksum:.10e}"
+    return f"{config}|files:{identity.sha256}"
+
+
+def check_writable_folder(folder: str | Path, parameter: str) -> Path:
+    """Check that ``folder`` is a writable folder, or can be created (nothing is created here).
+
+    Raises:
+        MmflowError: naming the parameter and the path.
+    """
+    path = Path(folder).expanduser().absolute()
+    if path.exists():
+        if not path.is_dir():
+            raise MmflowError(f"{parameter} {str(folder)!r} ({path}) is not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as err:
+            raise MmflowError(f"{parameter} {str(folder)!r} ({path}) is not writable ({err.strerror})") from None
+        return path
+    parent = next(p for p in path.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is not a folder" if not parent.is_dir() else "is not writable"
+        raise MmflowError(f"{parameter} {str(folder)!r} ({path}) cannot be created: {parent} {why}")
+    return path
 
 
 @dataclass
@@ -112,6 +148,8 @@ class Run:
     #: what this run has computed with its model: model forwards and decoder-layer calls (the fast engine runs
     #: decoder layers itself), counted by hooks; zero when everything came from the cache
     computed: dict[str, int] = field(default_factory=lambda: {"forwards": 0, "layer_calls": 0}, repr=False)
+    #: the SHA-256 identity of the checkpoint's files (see :mod:`mmflow.identity`)
+    identity: Identity | None = None
 
     def __post_init__(self) -> None:
         def count(what: str):
@@ -141,11 +179,18 @@ class Run:
 
         ``inputs``: ``"paper"`` or ``"processor"`` (see :func:`~mmflow.inputs.encode`); None: "paper" for real
         checkpoints, "processor" for the embedded shapes-llava (:func:`~mmflow.inputs.resolve_inputs`).
+
+        Raises:
+            MmflowError: for a bad parameter (model, device, dtype, cache_dir, inputs), before any weight loads.
         """
         mode = resolve_inputs(inputs, name)
+        check_dtype_device(dtype, device)
+        cache = str(check_writable_folder(cache_dir or DEFAULT_CACHE_DIR, "cache_dir"))
+        located = locate(name)
         model, processor = load_model(name, device, dtype)
-        cache = cache_dir or str(DEFAULT_CACHE_DIR)
-        return cls(name, model, processor, device, dtype, cache, model_fingerprint(model), mode)
+        identity = model_identity(located, cache)
+        fingerprint = model_fingerprint(model, identity)
+        return cls(name, model, processor, device, dtype, cache, fingerprint, mode, identity=identity)
 
     @property
     def n_layers(self) -> int:

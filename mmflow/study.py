@@ -37,7 +37,7 @@ from mmflow.knockout import check_window, flow_positions
 from mmflow.lens import LENS_VIEWS
 from mmflow.models import LlavaModel, check_dtype_device
 from mmflow.paper import IMAGE_TO_QUESTION, PATCH_FLOWS, TASKS, TO_LAST_FLOWS, Flow, default_window, window_layers
-from mmflow.runs import Run, check_keep
+from mmflow.runs import Run, check_keep, check_writable_folder
 from mmflow.tables import example_table, wrong_answers
 
 #: Questions per task in a smoke run (the tests' quick pass through every notebook).
@@ -123,9 +123,13 @@ class Study:
             MmflowError: naming the first bad parameter.
         """
         _check_params(tasks, n_per_task, window, engine, dtype, device, keep)
-        resolve_inputs(inputs, model)  # a bad value fails before the model loads
-        run = Run.load(model, device=device, dtype=dtype, cache_dir=cache_dir, inputs=inputs)
+        resolve_inputs(inputs, model)  # bad values, folders and data fail before the model loads
+        check_writable_folder(out_dir, "out_dir")
+        check_writable_folder(cache_dir, "cache_dir")
+        if data != EMBEDDED_DATA and images and not Path(images).expanduser().is_dir():
+            raise MmflowError(f"images {images!r} ({Path(images).expanduser().absolute()}) is not a folder")
         examples = load_examples(data, images or None, tasks, SMOKE_PER_TASK if smoke else n_per_task)
+        run = Run.load(model, device=device, dtype=dtype, cache_dir=cache_dir, inputs=inputs)
         k = default_window(run.n_layers) if window is None else window
         return cls(run, examples, k, engine, Path(out_dir), data, list(tasks), keep)
 
@@ -244,6 +248,7 @@ class Study:
             n_layers=self.n_layers,
             inputs=self.run.inputs,
             keep=self.keep,
+            model_identity=self.run.identity.sha256 if self.run.identity else None,
         )
         plt.show()
         return paths

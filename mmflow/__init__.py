@@ -2,28 +2,6 @@
 
 Modules, from the leaves up (each imports only from modules above it):
 
-paper      the paper's vocabulary: tasks, flows, prompt template, window rule (no torch)
-errors     :class:`MmflowError`
-images     image files to RGB (one conversion for runs and check-data), the image folder, boxes against the image
-models     the model-family table, loading, where layers / rotary / final norm / feature packing live
-patches    box masks through the processor's geometry: related / other image patches
-data       :class:`Example`, the shapes world and the paper's GQA CSVs
-words      options in their "X or Y" slot and object words in a question, with the rule that found them
-inputs     the prompt ("paper" or "processor" inputs) and the token groups of an example
-cache      the results cache: content-keyed files checked on read, atomic writes, shards, progress
-budget     the fast engine's tokens per pass: from the device's free memory, or as the user sets it
-fast       the fast engine: the clean run reused in positions and layers, flows and windows as suffix copies
-engines    the knockout primitive (block masks merged into the model's mask) and the engine registry
-knockout   :func:`knockout_sweep`, one generic function for every flow
-lens       the logit lens
-runs       correctness filter and :class:`Run` (analyses many examples through the cache)
-tables     per-task accounting of every example (analysed, not encodable, skipped flows)
-figures    curve tables with bootstrap bands, seaborn plots, figure files, provenance
-findings   the paper's claims against computed verdicts
-widgets    the knockout and logit-lens explorers
-study      :class:`Study`, what every notebook shares
-=========  ===========================================================================================
-=======
 ===========  ===========================================================================================
 paper        the paper's vocabulary: tasks, flows, prompt template, window rule (no torch)
 errors       :class:`MmflowError`

@@ -357,7 +357,7 @@ def load_examples(
         seed: the shapes world's split seed (None: the fixed evaluation split).
 
     Raises:
-        MmflowError: for an unknown task, a bad ``n``, a missing folder, or any malformed row.
+        MmflowError: for an unknown task, a bad ``n``, a missing data or image folder, or any malformed row.
 
     Example:
         >>> [e.task for e in load_examples("shapes", n=1, tasks=["QueryAttr", "ChooseRel"])]
@@ -376,4 +376,6 @@ def load_examples(
         )
     if not images:
         raise MmflowError("GQA data needs an image folder (IMAGES=... / images=...)")
+    if not Path(images).expanduser().is_dir():
+        raise MmflowError(f"images {images!r} ({Path(images).expanduser().absolute()}) is not a folder")
     return load_gqa(data, images, tasks, n)

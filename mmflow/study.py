@@ -126,8 +126,6 @@ class Study:
         resolve_inputs(inputs, model)  # bad values, folders and data fail before the model loads
         check_writable_folder(out_dir, "out_dir")
         check_writable_folder(cache_dir, "cache_dir")
-        if data != EMBEDDED_DATA and images and not Path(images).expanduser().is_dir():
-            raise MmflowError(f"images {images!r} ({Path(images).expanduser().absolute()}) is not a folder")
         examples = load_examples(data, images or None, tasks, SMOKE_PER_TASK if smoke else n_per_task)
         run = Run.load(model, device=device, dtype=dtype, cache_dir=cache_dir, inputs=inputs)
         k = default_window(run.n_layers) if window is None else window

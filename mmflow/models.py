@@ -1,4 +1,5 @@
-"""Model structure, resolved in one place: the family table, loading, and where the parts of a model live.
+"""Model structure, resolved in one place: loading, and where the parts of a model live (the family table is
+:mod:`mmflow.families`).
 
 Module map of the supported families (Hugging Face ``transformers`` names)::
 
@@ -12,8 +13,13 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .lm_head                                     unembedding                                <- logit lens
     LlavaNextForConditionalGeneration              LLaVA-NeXT / 1.6: same hierarchy, plus anyres tiling
       .model.pack_image_features                   unpads the tiles' features and adds newline tokens
+    Qwen2VLForConditionalGeneration                Qwen2-VL (Qwen2_5_VLForConditionalGeneration: Qwen2.5-VL, same map)
+      .model.visual                                ViT on 14 px patches, 2x2 merge: one image token per 28 px cell
+      .model.get_rope_index                        M-RoPE: (3, n) position ids (t, h, w)     <- fast knockout
+      .model.language_model                        Qwen2 decoder: .layers, .rotary_emb, .norm as above
+      .lm_head                                     unembedding                                <- logit lens
 
-Adding a family is one :class:`Family` entry in :data:`FAMILIES` plus a test that loads a tiny checkpoint of it.
+Adding a family is one :class:`~mmflow.families.Family` entry plus a test that loads a tiny checkpoint of it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmflow.errors import MmflowError
+from mmflow.families import FAMILIES, Family, build_processor, family_of  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
@@ -42,58 +48,8 @@ EMBEDDED_MODEL = "shapes-llava"
 EMBEDDED_MODEL_DIR = REPO_DIR / "shapes_world" / "shapes-llava"
 
 
-@dataclass(frozen=True)
-class Family:
-    """Where one model family keeps the parts mmflow needs (attribute paths from the top-level model)."""
-
-    name: str
-    config_class: str  #: transformers config class that identifies the family (structure, never the name)
-    model_class: str  #: its conditional-generation class
-    text_model: str = "model.language_model"  #: the decoder-only language model
-    layers: str = "layers"  #: decoder layers, relative to the text model
-    final_norm: str = "norm"  #: final norm, relative to the text model
-    rotary_embedding: str = "rotary_emb"  #: rotary position embedding, relative to the text model
-    mlp: str = "mlp"  #: the feed-forward block, relative to a decoder layer
-    #: attention function the knockout wraps when the model runs with eager attention ("module:function")
-    eager_attention: str = "transformers.models.llama.modeling_llama:eager_attention_forward"
-    #: anyres feature packing (unpadding + newline tokens), None for single-tile families
-    pack_image_features: str | None = None
-
-
-#: The supported families, most specific first.
-FAMILIES = (
-    Family(
-        "llava-next",
-        "LlavaNextConfig",
-        "LlavaNextForConditionalGeneration",
-        pack_image_features="model.pack_image_features",
-    ),
-    Family("llava", "LlavaConfig", "LlavaForConditionalGeneration"),
-)
-
-
 def _attr(obj: Any, path: str) -> Any:
     return reduce(getattr, path.split("."), obj)
-
-
-def family_of(config: Any) -> Family:
-    """The :class:`Family` of a config (or of a model's config), chosen by its class, not its name.
-
-    Raises:
-        MmflowError: for a config of no supported family.
-    """
-    import transformers
-
-    config = getattr(config, "config", config)
-    for family in FAMILIES:
-        if isinstance(config, getattr(transformers, family.config_class)):
-            return family
-    raise MmflowError(
-        f"Unsupported model class: config {type(config).__name__} "
-        f"(architectures={getattr(config, 'architectures', None)}). "
-        f"mmflow supports {', '.join(f.model_class for f in FAMILIES)} checkpoints in the Hugging Face format, "
-        "e.g. llava-hf/llava-1.5-7b-hf or llava-hf/llava-v1.6-vicuna-7b-hf."
-    )
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -235,7 +191,7 @@ def load_model(
         >>> num_layers(model)
         8
     """
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     torch_dtype = check_dtype_device(dtype, device)
     path, folder, safe = _locate(name_or_path, local_files_only)
@@ -259,7 +215,7 @@ def load_model(
     use_safetensors = (check_checkpoint_folder(folder) or None) if folder.is_dir() else None
     model = cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=use_safetensors, **safe)
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path, **safe)
+    processor = build_processor(path, config, safe)
     decoder_layers(model)  # fail early if the language model has no layer-indexed attention
     return model, processor
 
@@ -274,12 +230,12 @@ def load_processor(name_or_path: str, local_files_only: bool | None = None) -> t
     Raises:
         MmflowError: as :func:`load_model` does for the folder, the config and custom code.
     """
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     path, folder, safe = _locate(name_or_path, local_files_only)
     try:
         config = AutoConfig.from_pretrained(path, **safe)
-        processor = AutoProcessor.from_pretrained(path, **safe)
+        processor = build_processor(path, config, safe)
     except (OSError, ValueError) as err:
         raise MmflowError(f"Model '{name_or_path}': its config or processor cannot be read ({err})") from err
     import transformers
@@ -330,9 +286,32 @@ def num_layers(model: LlavaModel) -> int:
 
 
 def eager_attention(model: LlavaModel) -> Any:
-    """The eager attention function of the model's family (what the knockout wraps under eager attention)."""
-    module, name = family_of(model).eager_attention.split(":")
-    return getattr(importlib.import_module(module), name)
+    """The eager attention function of the model's family (what the knockout wraps under eager attention): the
+    family's own, else the ``eager_attention_forward`` of the module defining the backbone's attention class.
+
+    Raises:
+        MmflowError: if that module has none.
+    """
+    path = family_of(model).eager_attention
+    module, name = path.split(":") if path else (type(decoder_layers(model)[0].self_attn).__module__, "")
+    function = getattr(importlib.import_module(module), name or "eager_attention_forward", None)
+    if function is None:
+        raise MmflowError(f"{module} defines no eager attention function {name or 'eager_attention_forward'!r}")
+    return function
+
+
+def position_ids(model: LlavaModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The rotary position ids of every position of one input, shape ``(P, n)``: ``P = 1`` (position i is i) for
+    1-D rotary families, ``P = 3`` (temporal, height, width) for M-RoPE families, from the model's own
+    ``get_rope_index`` (image tokens share positions; text after an image advances by the image's side, not its
+    token count). Passed to the rotary embedding as ``ids[:, None]`` (M-RoPE) or ``ids`` (1-D)."""
+    n = int(inputs["input_ids"].shape[1])
+    path = family_of(model).rope_index
+    if path is None:
+        return torch.arange(n, device=inputs["input_ids"].device)[None]
+    names = ("input_ids", "image_grid_thw", "attention_mask", "mm_token_type_ids")
+    ids, _ = _attr(model, path)(**{name: inputs.get(name) for name in names})
+    return ids[:, 0]
 
 
 def pack_image_features(model: LlavaModel) -> Any:

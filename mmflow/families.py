@@ -7,6 +7,7 @@ Adding a family is one :class:`Family` entry in :data:`FAMILIES` plus a test tha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from mmflow.errors import MmflowError
@@ -100,10 +101,11 @@ def family_of(config: Any) -> Family:
     )
 
 
+@cache
 def _image_only(processor_class: type) -> type:
     """``processor_class`` without its video processor: the same class (name, call, chat template) whose
     constructor takes only the image processor and the tokenizer, so no video processor (which needs torchvision)
-    is loaded or class-checked."""
+    is loaded or class-checked (one class per processor class)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)

@@ -288,3 +288,18 @@ def test_patch_groups_notebook_end_to_end(qwen_dirs, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest[mu.FIG_PATCH_GROUPS]["inputs"] == "paper" and manifest[mu.FIG_PATCH_GROUPS]["n_layers"] == 6
     assert (out / f"{mu.FIG_PATCH_EXAMPLE}.png").stat().st_size > 0  # the overlay on the model's 28 px cells
+
+
+def test_with_torchvision_the_processor_is_autoprocessors(qwen_dirs, monkeypatch):
+    """Where torchvision is installed the checkpoint's processor is built by AutoProcessor, as for every family."""
+    import transformers
+    import transformers.utils
+
+    from mmflow.families import build_processor
+
+    calls = []
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda path, **kw: calls.append(path) or "auto")
+    config = transformers.AutoConfig.from_pretrained(qwen_dirs["qwen2_vl"])
+    assert build_processor(str(qwen_dirs["qwen2_vl"]), config, {"local_files_only": True}) == "auto"
+    assert calls == [str(qwen_dirs["qwen2_vl"])]

@@ -64,6 +64,14 @@ FAMILIES = (
     ),
     Family("llava", "LlavaConfig", "LlavaForConditionalGeneration", paper_pads=True),
     Family(
+        "llava-onevision",
+        "LlavaOnevisionConfig",
+        "LlavaOnevisionForConditionalGeneration",
+        pack_image_features="model.pack_image_features",  # (image_sizes, image_newline, vision_aspect_ratio)
+        paper_template="qwen_1_5",
+        image_only_processor="LlavaOnevisionProcessor",
+    ),
+    Family(
         "qwen2-vl",
         "Qwen2VLConfig",
         "Qwen2VLForConditionalGeneration",
@@ -96,21 +104,25 @@ def family_of(config: Any) -> Family:
         f"Unsupported model class: config {type(config).__name__} "
         f"(architectures={getattr(config, 'architectures', None)}). "
         f"mmflow supports {', '.join(f.model_class for f in FAMILIES)} checkpoints in the Hugging Face format, "
-        "e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, Qwen/Qwen2-VL-2B-Instruct or "
-        "Qwen/Qwen2.5-VL-3B-Instruct."
+        "e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-0.5b-ov-hf, "
+        "Qwen/Qwen2-VL-2B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct."
     )
 
 
 @cache
 def _image_only(processor_class: type) -> type:
-    """``processor_class`` without its video processor: the same class (name, call, chat template) whose
-    constructor takes only the image processor and the tokenizer, so no video processor (which needs torchvision)
-    is loaded or class-checked (one class per processor class)."""
+    """``processor_class`` without its video processor: the same class (name, constructor, call, chat template)
+    whose sub-processors are only the image processor and the tokenizer, so no video processor (which needs
+    torchvision) is loaded or class-checked (one class per processor class)."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    def get_attributes(cls) -> list[str]:
+        return [name for name in processor_class.get_attributes() if "video" not in name]
 
-    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "__module__": __name__})
+    return type(
+        processor_class.__name__,
+        (processor_class,),
+        {"get_attributes": classmethod(get_attributes), "__module__": __name__},
+    )
 
 
 def build_processor(path: str, config: Any, options: dict[str, Any]) -> Any:

@@ -19,6 +19,7 @@ from mmflow.paper import (
     LLAMA3_SYSTEM,
     PAPER_USER,
     llava15_prompt,
+    qwen15_prompt,
     qwen_vl_prompt,
     vicuna_prompt,
 )
@@ -50,9 +51,9 @@ def paper_template(processor, config) -> str:
     """The official conversation template for a checkpoint, chosen by its structure (never its name).
 
     Returns:
-        The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL); for the LLaVA
-        families ``"llava_llama_3"`` if the tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for another
-        Llama backbone (Vicuna).
+        The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
+        LLaVA-OneVision); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has Llama-3's header
+        tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
 
     Raises:
         MmflowError: for a LLaVA backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.
@@ -84,15 +85,17 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
             ASSISTANT:"`` (the HF processors drop the system prompt); Llama3-LLaVA-NeXT its llava_llama_3 turn;
             Qwen2-VL / Qwen2.5-VL the ChatML turn with the default system prompt "You are a helpful assistant." and
             ``<|vision_start|><|image_pad|><|vision_end|>{question}\\n<instruction>`` (:func:`~mmflow.paper.
-            qwen_vl_prompt`), which is exactly what ``"processor"`` gives with the released chat template.
+            qwen_vl_prompt`), which is exactly what ``"processor"`` gives with the released chat template;
+            LLaVA-OneVision the ``qwen_1_5`` conversation of its training code (same system prompt, ``<image>\\n``
+            before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give.
             ``"processor"``: the processor's chat template if it has one (the question, a newline and the
             instruction as the user's text after the image), else the LLaVA-1.5 form without a system prompt.
         config: the model's config (needed for ``"paper"``).
     """
     if inputs == "paper":
         template = paper_template(processor, config)
-        if template == "qwen_vl":
-            return qwen_vl_prompt(question)
+        if template in ("qwen_vl", "qwen_1_5"):
+            return (qwen_vl_prompt if template == "qwen_vl" else qwen15_prompt)(question)
         if template == "vicuna_v1":
             return vicuna_prompt(question)
         messages = [

@@ -6,6 +6,7 @@ feature packing, so labels line up with the image tokens by construction, whatev
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 
@@ -88,9 +89,10 @@ def image_token_labels(
 ) -> torch.Tensor:
     """Label of every image token of an image of ``size`` (W, H): RELATED, OTHER, or NEITHER (CLS, newline).
 
-    The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, with
-    nearest-neighbour resampling and no normalisation) and, for anyres families, the model's own feature packing
-    (unpadding and newline tokens).
+    The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, Qwen's
+    smart_resize into 28 px cells, with nearest-neighbour resampling and no normalisation) and, for anyres families,
+    the model's own feature packing (unpadding, newline tokens, and OneVision's bilinear downsampling of large grids,
+    after which a token is RELATED if any related patch contributes to it).
 
     Returns:
         A float tensor of shape ``(n_image_tokens,)``.
@@ -110,14 +112,20 @@ def image_token_labels(
         tiles = tiles[None]
     per_tile = torch.stack([_patch_labels(tile, patch) for tile in tiles])  # (n_tiles, patches)
     strategy = cfg.vision_feature_select_strategy
+    cls_kept = strategy == "full" and any(hasattr(m, "class_embedding") for m in model.modules())  # CLIP, not SigLIP
     pack = pack_image_features(model)
     if "image_sizes" in pixels and pack is not None:  # anyres: pack the labels exactly like image features
-        if strategy != "default":
+        if cls_kept:
             raise MmflowError(f"Anyres patch groups need vision_feature_select_strategy='default', not {strategy!r}")
-        packed, _ = pack([per_tile[..., None]], pixels["image_sizes"], strategy, image_newline=torch.tensor([NEITHER]))
-        return packed[0][:, 0]
+        if "vision_aspect_ratio" in inspect.signature(pack).parameters:  # OneVision: may downsample (bilinear)
+            options = {"vision_aspect_ratio": cfg.vision_aspect_ratio}
+        else:
+            options = {"vision_feature_select_strategy": strategy}
+        packed, _ = pack([per_tile[..., None]], pixels["image_sizes"], image_newline=torch.tensor([NEITHER]), **options)
+        labels = packed[0][:, 0]  # a downsampled token is related if any related patch contributes to it
+        return torch.where(labels == NEITHER, NEITHER, torch.where(labels > OTHER, RELATED, OTHER))
     labels = per_tile[0]
-    return torch.cat([torch.tensor([NEITHER]), labels]) if strategy == "full" else labels
+    return torch.cat([torch.tensor([NEITHER]), labels]) if cls_kept else labels
 
 
 def _merged_labels(rows: torch.Tensor, image_processor) -> torch.Tensor:

@@ -176,3 +176,14 @@ def test_patch_groups_notebook_end_to_end(onevision_dir, tmp_path):
     assert (accounting.kept == accounting.examples).all() and accounting.kept.sum() == 12
     assert json.loads((out / "manifest.json").read_text())[mu.FIG_PATCH_GROUPS]["inputs"] == "paper"
     assert (out / f"{mu.FIG_PATCH_EXAMPLE}.png").stat().st_size > 0
+
+
+def test_check_data_on_the_replica(onevision_dir, tmp_path):
+    """make check-data's path: the geometry from a weightless skeleton (packing included) agrees with the processor."""
+    from gqa_fixture import build_gqa
+
+    from mmflow.check_data import check_rows
+
+    csvs, images, total = build_gqa(tmp_path)
+    rows = check_rows(str(onevision_dir), str(csvs), str(images))
+    assert len(rows) == total and rows.usable.all() and (rows.related > 0).all() and (rows.other > 0).any()

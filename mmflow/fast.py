@@ -25,7 +25,15 @@ import torch
 from mmflow.budget import token_budget_for
 from mmflow.errors import MmflowError
 from mmflow.inputs import Encoded
-from mmflow.models import LlavaModel, decoder_layers, final_norm, layer_mlp, num_layers, rotary_embedding
+from mmflow.models import (
+    LlavaModel,
+    decoder_layers,
+    final_norm,
+    layer_mlp,
+    num_layers,
+    position_ids,
+    rotary_embedding,
+)
 
 _NEG = -math.inf
 
@@ -84,10 +92,11 @@ class _Suffix:
     """The positions ``[t0, n)`` that the flows whose first target is ``t0`` recompute, and the clean prefix
     ``[0, t0)`` that their copies attend to."""
 
-    def __init__(self, cache: Any, t0: int, length: int, device: Any):
+    def __init__(self, cache: Any, t0: int, length: int, device: Any, rope: torch.Tensor):
         self.t0, self.s = t0, length - t0
         self.prefix = [(layer.keys[..., :t0, :], layer.values[..., :t0, :]) for layer in cache.layers]
         self.positions = t0 + torch.arange(self.s, device=device)
+        self.rope = rope[:, t0:].to(device)  # the suffix's rotary position ids, (P, s) (see models.position_ids)
         self.causal = torch.ones(self.s, self.s, dtype=torch.bool, device=device).tril()
 
     def attend(self, layer: int, query, key, value, scaling: float, parts: list, last_only: bool = False):
@@ -313,11 +322,11 @@ def fast_sweep(
             f"{min(late)}: pass clean_run(..., keep_cache=True, keep_from={min(late)}) or lower"
         )
     suffixes: dict[int, _Suffix] = {}  # flows with the same first target share a suffix and attention calls
-    prepared = []
+    prepared, rope = [], position_ids(model, encoded.inputs)
     for sources, targets in flows:
         t0 = min(targets)
         if t0 not in suffixes:
-            suffixes[t0] = _Suffix(clean.cache, t0, encoded.length, device)
+            suffixes[t0] = _Suffix(clean.cache, t0, encoded.length, device, rope)
         prepared.append(_Flow(suffixes[t0], sources, targets, device))
     starts = [w.start if len(w) else n_layers for w in windows]
     jobs = sorted(
@@ -370,7 +379,8 @@ def _one_pass(model, clean: Clean, flows: list[_Flow], jobs: list[tuple[int, int
                 changed = True
         if changed:
             live = sorted((f for f in range(len(flows)) if members[f]), key=lambda f: (flows[f].t0, f))
-            positions = torch.cat([flows[f].positions.repeat(len(members[f])) for f in live])[None]
+            positions = torch.cat([flows[f].suffix.rope.repeat(1, len(members[f])) for f in live], 1)
+            positions = positions[:, None] if len(positions) > 1 else positions  # M-RoPE: (3, 1, T); else (1, T)
             hidden = torch.cat([segments[f] for f in live], 1)
             embeddings = rotary_embedding(model)(hidden, positions)
         copies.present = []

@@ -12,8 +12,18 @@ from PIL import Image
 from mmflow.data import Example
 from mmflow.errors import MmflowError
 from mmflow.images import box_issues, to_rgb
-from mmflow.models import EMBEDDED_MODEL, LlavaModel
-from mmflow.paper import INPUTS, INSTRUCTION, LLAMA3_SUFFIX, LLAMA3_SYSTEM, PAPER_USER, llava15_prompt, vicuna_prompt
+from mmflow.models import EMBEDDED_MODEL, LlavaModel, family_of
+from mmflow.paper import (
+    INPUTS,
+    INSTRUCTION,
+    LLAMA3_SUFFIX,
+    LLAMA3_SYSTEM,
+    PAPER_USER,
+    llava15_prompt,
+    qwen15_prompt,
+    qwen_vl_prompt,
+    vicuna_prompt,
+)
 from mmflow.patches import model_view, patch_groups
 from mmflow.words import locate_object, locate_options
 
@@ -42,12 +52,15 @@ def paper_template(processor, config) -> str:
     """The official conversation template for a checkpoint, chosen by its structure (never its name).
 
     Returns:
-        ``"llava_llama_3"`` if the tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for another Llama
-        backbone (Vicuna).
+        The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
+        LLaVA-OneVision); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has Llama-3's header
+        tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
 
     Raises:
-        MmflowError: for a backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.
+        MmflowError: for a LLaVA backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.
     """
+    if family_of(config).paper_template is not None:
+        return family_of(config).paper_template
     tokenizer = processor.tokenizer
     if LLAMA3_HEADER in tokenizer.get_vocab():
         if not getattr(tokenizer, "chat_template", None):
@@ -68,13 +81,23 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
     Args:
         processor: the checkpoint's processor.
         question: the question.
-        inputs: ``"paper"``: the official conversation template (:func:`paper_template`), e.g. for LLaVA-1.5
-            ``"<vicuna system prompt> USER: <image>\\n{question} \\nAnswer ... ASSISTANT:"``; ``"processor"``: the
-            processor's chat template if it has one, else the LLaVA-1.5 form without a system prompt.
+        inputs: ``"paper"``: the family's official conversation template (:func:`paper_template`), written out by
+            mmflow: LLaVA-1.5 / 1.6-Vicuna ``"<vicuna system prompt> USER: <image>\\n{question} \\nAnswer ...
+            ASSISTANT:"`` (the HF processors drop the system prompt); Llama3-LLaVA-NeXT its llava_llama_3 turn;
+            Qwen2-VL / Qwen2.5-VL the ChatML turn with the default system prompt "You are a helpful assistant." and
+            ``<|vision_start|><|image_pad|><|vision_end|>{question}\\n<instruction>`` (:func:`~mmflow.paper.
+            qwen_vl_prompt`), which is exactly what ``"processor"`` gives with the released chat template;
+            LLaVA-OneVision the ``qwen_1_5`` conversation of its training code (same system prompt, ``<image>\\n``
+            before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give.
+            ``"processor"``: the processor's chat template if it has one (the question, a newline and the
+            instruction as the user's text after the image), else the LLaVA-1.5 form without a system prompt.
         config: the model's config (needed for ``"paper"``).
     """
     if inputs == "paper":
-        if paper_template(processor, config) == "vicuna_v1":
+        template = paper_template(processor, config)
+        if template in ("qwen_vl", "qwen_1_5"):
+            return (qwen_vl_prompt if template == "qwen_vl" else qwen15_prompt)(question)
+        if template == "vicuna_v1":
             return vicuna_prompt(question)
         messages = [
             {"role": "system", "content": LLAMA3_SYSTEM},
@@ -98,6 +121,21 @@ def tokens_in_span(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) ->
     """
     lo, hi = span
     return [i for i, (a, b) in enumerate(offsets) if b > a and a < hi and b > lo]
+
+
+def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
+    """Positions of the text tokens that frame the image (Qwen's ``<|vision_start|>``/``<|vision_end|>``), by
+    token id; empty for a family without such tokens (LLaVA).
+
+    Raises:
+        MmflowError: if the tokenizer lacks one of the family's marker tokens.
+    """
+    markers = family_of(config).image_markers
+    marker_ids = [processor.tokenizer.convert_tokens_to_ids(token) for token in markers]
+    unknown = [t for t, i in zip(markers, marker_ids) if i is None or i == processor.tokenizer.unk_token_id]
+    if unknown:
+        raise MmflowError(f"The tokenizer has no token {unknown[0]!r}, which this model family frames images with")
+    return torch.isin(ids, torch.tensor(marker_ids, dtype=ids.dtype)).nonzero().flatten().tolist() if markers else []
 
 
 @dataclass
@@ -158,10 +196,12 @@ def encode(
         dtype: dtype of the pixel values (None: the processor's).
         inputs: ``"paper"`` (official prompt; single-tile images padded to a square with the mean colour) or
             ``"processor"`` (see :func:`build_prompt`).
-        config: the model's config (needed for ``"paper"``).
+        config: the model's config (needed for ``"paper"`` and the ``image_markers`` group).
 
     Returns:
-        The inputs and the groups ``image`` (all image-token positions after expansion), ``question``, ``last``,
+        The inputs and the groups ``image`` (all image-token positions after expansion), ``image_markers`` (the
+        text tokens framing the image, e.g. Qwen's ``<|vision_start|>``/``<|vision_end|>``; only with ``config``;
+        empty for LLaVA, so a flow naming it is skipped by runs and refused by a sweep), ``question``, ``last``,
         ``true_option``/``false_option`` (in the question's "X or Y" slot) and ``object:<name>``; ``located`` says
         which rule found each option and object, or that it was not found (then its group is absent).
 
@@ -193,6 +233,8 @@ def encode(
         "question": tokens_in_span(offsets, q_span),
         "last": [len(ids) - 1],
     }
+    if config is not None:  # the family tells which tokens frame the image
+        groups["image_markers"] = image_markers(processor, ids, config)
     located: dict[str, str] = {}
     if options:
         try:

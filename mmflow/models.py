@@ -1,4 +1,5 @@
-"""Model structure, resolved in one place: the family table, loading, and where the parts of a model live.
+"""Model structure, resolved in one place: loading, and where the parts of a model live (the family table is
+:mod:`mmflow.families`).
 
 Module map of the supported families (Hugging Face ``transformers`` names)::
 
@@ -12,14 +13,20 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .lm_head                                     unembedding                                <- logit lens
     LlavaNextForConditionalGeneration              LLaVA-NeXT / 1.6: same hierarchy, plus anyres tiling
       .model.pack_image_features                   unpads the tiles' features and adds newline tokens
+    LlavaOnevisionForConditionalGeneration         LLaVA-OneVision: SigLIP (no CLS), Qwen2 LM, anyres_max_9 (base tile
+      .model.pack_image_features                   first; large grids downsampled bilinearly), same hierarchy
+    Qwen2VLForConditionalGeneration                Qwen2-VL (Qwen2_5_VLForConditionalGeneration: Qwen2.5-VL, same map)
+      .model.visual                                ViT on 14 px patches, 2x2 merge: one image token per 28 px cell
+      .model.get_rope_index                        M-RoPE: (3, n) position ids (t, h, w)     <- fast knockout
+      .model.language_model                        Qwen2 decoder: .layers, .rotary_emb, .norm as above
+      .lm_head                                     unembedding                                <- logit lens
 
-Adding a family is one :class:`Family` entry in :data:`FAMILIES` plus a test that loads a tiny checkpoint of it.
+Adding a family is one :class:`~mmflow.families.Family` entry plus a test that loads a tiny checkpoint of it.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from functools import reduce
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +42,7 @@ from mmflow.checkpoints import (  # noqa: F401 (re-exported)
     locate,
 )
 from mmflow.errors import MmflowError
+from mmflow.families import FAMILIES, Family, build_processor, family_of  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
@@ -44,58 +52,8 @@ else:
     LlavaModel = Any
 
 
-@dataclass(frozen=True)
-class Family:
-    """Where one model family keeps the parts mmflow needs (attribute paths from the top-level model)."""
-
-    name: str
-    config_class: str  #: transformers config class that identifies the family (structure, never the name)
-    model_class: str  #: its conditional-generation class
-    text_model: str = "model.language_model"  #: the decoder-only language model
-    layers: str = "layers"  #: decoder layers, relative to the text model
-    final_norm: str = "norm"  #: final norm, relative to the text model
-    rotary_embedding: str = "rotary_emb"  #: rotary position embedding, relative to the text model
-    mlp: str = "mlp"  #: the feed-forward block, relative to a decoder layer
-    #: attention function the knockout wraps when the model runs with eager attention ("module:function")
-    eager_attention: str = "transformers.models.llama.modeling_llama:eager_attention_forward"
-    #: anyres feature packing (unpadding + newline tokens), None for single-tile families
-    pack_image_features: str | None = None
-
-
-#: The supported families, most specific first.
-FAMILIES = (
-    Family(
-        "llava-next",
-        "LlavaNextConfig",
-        "LlavaNextForConditionalGeneration",
-        pack_image_features="model.pack_image_features",
-    ),
-    Family("llava", "LlavaConfig", "LlavaForConditionalGeneration"),
-)
-
-
 def _attr(obj: Any, path: str) -> Any:
     return reduce(getattr, path.split("."), obj)
-
-
-def family_of(config: Any) -> Family:
-    """The :class:`Family` of a config (or of a model's config), chosen by its class, not its name.
-
-    Raises:
-        MmflowError: for a config of no supported family.
-    """
-    import transformers
-
-    config = getattr(config, "config", config)
-    for family in FAMILIES:
-        if isinstance(config, getattr(transformers, family.config_class)):
-            return family
-    raise MmflowError(
-        f"Unsupported model class: config {type(config).__name__} "
-        f"(architectures={getattr(config, 'architectures', None)}). "
-        f"mmflow supports {', '.join(f.model_class for f in FAMILIES)} checkpoints in the Hugging Face format, "
-        "e.g. llava-hf/llava-1.5-7b-hf or llava-hf/llava-v1.6-vicuna-7b-hf."
-    )
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -186,7 +144,8 @@ def load_model(
     if located.folder:
         check_configs(located.folder)
     where = located.folder or name_or_path
-    cls = getattr(transformers, family_of(_config(located, where)).model_class)
+    config = _config(located, where)
+    cls = getattr(transformers, family_of(config).model_class)
     use_safetensors = (check_checkpoint_folder(located.folder) or None) if located.folder else None
     try:
         model, info = cls.from_pretrained(
@@ -201,7 +160,7 @@ def load_model(
         raise MmflowError(f"Checkpoint {where}: its weights cannot be loaded ({_first_line(err)})") from None
     _check_loaded(model, info, str(where))
     model.to(device).eval()
-    processor = _processor(located, where)
+    processor = _processor(located, config, where)
     decoder_layers(model)  # fail early if the language model has no layer-indexed attention
     return model, processor
 
@@ -225,12 +184,11 @@ def _config(located: Any, where: Any) -> Any:
         raise MmflowError(f"Checkpoint {where}: its config.json cannot be read ({_first_line(err)})") from None
 
 
-def _processor(located: Any, where: Any) -> Any:
-    """The located checkpoint's processor."""
-    from transformers import AutoProcessor
-
+def _processor(located: Any, config: Any, where: Any) -> Any:
+    """The located checkpoint's processor (:func:`~mmflow.families.build_processor`: image-only where a family's
+    full processor needs torchvision and it is missing)."""
     try:
-        return AutoProcessor.from_pretrained(located.path, **_safe(located))
+        return build_processor(located.path, config, _safe(located))
     except (OSError, ValueError, TypeError) as err:
         raise MmflowError(f"Checkpoint {where}: its processor cannot be loaded ({_first_line(err)})") from None
 
@@ -252,7 +210,7 @@ def load_processor(name_or_path: str, local_files_only: bool | None = None) -> t
         check_configs(located.folder)
     where = located.folder or name_or_path
     config = _config(located, where)
-    processor = _processor(located, where)
+    processor = _processor(located, config, where)
     with torch.device("meta"):
         skeleton = getattr(transformers, family_of(config).model_class)(config)
     return skeleton, processor
@@ -299,9 +257,32 @@ def num_layers(model: LlavaModel) -> int:
 
 
 def eager_attention(model: LlavaModel) -> Any:
-    """The eager attention function of the model's family (what the knockout wraps under eager attention)."""
-    module, name = family_of(model).eager_attention.split(":")
-    return getattr(importlib.import_module(module), name)
+    """The eager attention function of the model's family (what the knockout wraps under eager attention): the
+    family's own, else the ``eager_attention_forward`` of the module defining the backbone's attention class.
+
+    Raises:
+        MmflowError: if that module has none.
+    """
+    path = family_of(model).eager_attention
+    module, name = path.split(":") if path else (type(decoder_layers(model)[0].self_attn).__module__, "")
+    function = getattr(importlib.import_module(module), name or "eager_attention_forward", None)
+    if function is None:
+        raise MmflowError(f"{module} defines no eager attention function {name or 'eager_attention_forward'!r}")
+    return function
+
+
+def position_ids(model: LlavaModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The rotary position ids of every position of one input, shape ``(P, n)``: ``P = 1`` (position i is i) for
+    1-D rotary families, ``P = 3`` (temporal, height, width) for M-RoPE families, from the model's own
+    ``get_rope_index`` (image tokens share positions; text after an image advances by the image's side, not its
+    token count). Passed to the rotary embedding as ``ids[:, None]`` (M-RoPE) or ``ids`` (1-D)."""
+    n = int(inputs["input_ids"].shape[1])
+    path = family_of(model).rope_index
+    if path is None:
+        return torch.arange(n, device=inputs["input_ids"].device)[None]
+    names = ("input_ids", "image_grid_thw", "attention_mask", "mm_token_type_ids")
+    ids, _ = _attr(model, path)(**{name: inputs.get(name) for name in names})
+    return ids[:, 0]
 
 
 def pack_image_features(model: LlavaModel) -> Any:

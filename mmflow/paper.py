@@ -45,6 +45,18 @@ LLAMA3_SYSTEM = (
     "provides, and assist the user with a variety of tasks using natural language."
 )
 LLAMA3_SUFFIX = " \n"
+#: Default system prompt of the Qwen2-VL / Qwen2.5-VL chat format (inserted when no system turn is given) and of
+#: LLaVA-OneVision's qwen_1_5 conversation.
+QWEN_VL_SYSTEM = "You are a helpful assistant."
+#: The official Qwen2-VL / Qwen2.5-VL single-image turn: ChatML with the image framed by vision markers.
+QWEN_VL_TEMPLATE = (
+    "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+    "{text}<|im_end|>\n<|im_start|>assistant\n"
+)
+#: The official LLaVA-OneVision turn (``conv_templates["qwen_1_5"]`` of LLaVA-NeXT): ChatML, ``<image>`` on its line.
+QWEN15_TEMPLATE = (
+    "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\n{text}<|im_end|>\n<|im_start|>assistant\n"
+)
 
 #: The paper's flows as (source group, target group): the target's attention to the source is blocked.
 FLOWS = {
@@ -83,6 +95,42 @@ def vicuna_prompt(question: str) -> str:
         (True, '<image>\\nQ? \\nAnswer the question using a single word or phrase. ASSISTANT:')
     """
     return f"{VICUNA_SYSTEM} USER: {PAPER_USER.format(question=question)} ASSISTANT:"
+
+
+def qwen_vl_prompt(question: str) -> str:
+    """The official Qwen2-VL / Qwen2.5-VL prompt for ``question`` (default system prompt, the image first, then the
+    question and the paper's short-answer instruction), as the released chat template renders it.
+
+    Example:
+        >>> print(qwen_vl_prompt("Q?"))
+        <|im_start|>system
+        You are a helpful assistant.<|im_end|>
+        <|im_start|>user
+        <|vision_start|><|image_pad|><|vision_end|>Q?
+        Answer the question using a single word or phrase.<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
+    """
+    return QWEN_VL_TEMPLATE.format(system=QWEN_VL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
+
+
+def qwen15_prompt(question: str) -> str:
+    """The official LLaVA-OneVision prompt for ``question``: the ``qwen_1_5`` conversation of the LLaVA-NeXT code
+    (default system prompt, ``<image>`` on its own line, then the question and the paper's instruction). The
+    llava-hf chat template differs (no system prompt, a space after the role).
+
+    Example:
+        >>> print(qwen15_prompt("Q?"))
+        <|im_start|>system
+        You are a helpful assistant.<|im_end|>
+        <|im_start|>user
+        <image>
+        Q?
+        Answer the question using a single word or phrase.<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
+    """
+    return QWEN15_TEMPLATE.format(system=QWEN_VL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
 
 
 def default_window(n_layers: int) -> int:

@@ -6,6 +6,7 @@ feature packing, so labels line up with the image tokens by construction, whatev
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 
@@ -68,11 +69,12 @@ def expand2square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
 
 
 def paper_pads(model_or_config) -> bool:
-    """True if the paper's inputs pad this model's images to a square first (single-tile families: LLaVA-1.5).
+    """True if the paper's inputs pad this model's images to a square first (LLaVA-1.5's ``expand2square``).
 
-    Anyres families (LLaVA-NeXT) tile the image as the processor does, which is the official anyres procedure.
+    Anyres families (LLaVA-NeXT) tile the image as the processor does, which is the official anyres procedure;
+    Qwen2-VL / Qwen2.5-VL resize it to whole 28 px cells (``smart_resize``), which is their official procedure.
     """
-    return family_of(model_or_config).pack_image_features is None
+    return family_of(model_or_config).paper_pads
 
 
 def model_view(image: Image.Image, processor, model_or_config, inputs: str) -> Image.Image:
@@ -94,9 +96,10 @@ def image_token_labels(
 ) -> torch.Tensor:
     """Label of every image token of an image of ``size`` (W, H): RELATED, OTHER, or NEITHER (CLS, newline).
 
-    The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, with
-    nearest-neighbour resampling and no normalisation) and, for anyres families, the model's own feature packing
-    (unpadding and newline tokens).
+    The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, Qwen's
+    smart_resize into 28 px cells, with nearest-neighbour resampling and no normalisation) and, for anyres families,
+    the model's own feature packing (unpadding, newline tokens, and OneVision's bilinear downsampling of large grids,
+    after which a token is RELATED if any related patch contributes to it).
 
     Returns:
         A float tensor of shape ``(n_image_tokens,)``.
@@ -109,19 +112,46 @@ def image_token_labels(
     )
     cfg = model.config
     patch = cfg.vision_config.patch_size
+    if family_of(model).pixel_layout == "merged_patches":
+        return _merged_labels(pixels["pixel_values"], processor.image_processor)
     tiles = pixels["pixel_values"][0]
     if tiles.dim() == 3:
         tiles = tiles[None]
     per_tile = torch.stack([_patch_labels(tile, patch) for tile in tiles])  # (n_tiles, patches)
     strategy = cfg.vision_feature_select_strategy
+    cls_kept = strategy == "full" and any(hasattr(m, "class_embedding") for m in model.modules())  # CLIP, not SigLIP
     pack = pack_image_features(model)
     if "image_sizes" in pixels and pack is not None:  # anyres: pack the labels exactly like image features
-        if strategy != "default":
+        if cls_kept:
             raise MmflowError(f"Anyres patch groups need vision_feature_select_strategy='default', not {strategy!r}")
-        packed, _ = pack([per_tile[..., None]], pixels["image_sizes"], strategy, image_newline=torch.tensor([NEITHER]))
-        return packed[0][:, 0]
+        if "vision_aspect_ratio" in inspect.signature(pack).parameters:  # OneVision: may downsample (bilinear)
+            options = {"vision_aspect_ratio": cfg.vision_aspect_ratio}
+        else:
+            options = {"vision_feature_select_strategy": strategy}
+        packed, _ = pack([per_tile[..., None]], pixels["image_sizes"], image_newline=torch.tensor([NEITHER]), **options)
+        labels = packed[0][:, 0]  # a downsampled token is related if any related patch contributes to it
+        return torch.where(labels == NEITHER, NEITHER, torch.where(labels > OTHER, RELATED, OTHER))
     labels = per_tile[0]
-    return torch.cat([torch.tensor([NEITHER]), labels]) if strategy == "full" else labels
+    return torch.cat([torch.tensor([NEITHER]), labels]) if cls_kept else labels
+
+
+def _merged_labels(rows: torch.Tensor, image_processor) -> torch.Tensor:
+    """Labels of the image tokens of one image in the Qwen layout: ``rows`` holds one flattened 14 px patch per row
+    ``(C, temporal, patch, patch)``, ``merge_size**2`` consecutive rows per image token (a 28 px cell), in the
+    order of the tokens; a token is RELATED if any pixel of its cell is red."""
+    merge, patch = image_processor.merge_size, image_processor.patch_size
+    pixels = rows.reshape(-1, merge * merge, 3, image_processor.temporal_patch_size, patch, patch)
+    red = ((pixels[:, :, 0] - pixels[:, :, 1]) > 127).flatten(1).any(1)
+    return torch.where(red, RELATED, OTHER)
+
+
+def _unpatchify(rows: torch.Tensor, grid_thw: Sequence[int], image_processor) -> torch.Tensor:
+    """The (3, H, W) image of one image's rows in the Qwen layout (the inverse of its processor's patchify)."""
+    _, grid_h, grid_w = (int(x) for x in grid_thw)
+    merge, patch = image_processor.merge_size, image_processor.patch_size
+    t = image_processor.temporal_patch_size
+    x = rows.reshape(grid_h // merge, grid_w // merge, merge, merge, 3, t, patch, patch)[:, :, :, :, :, 0]
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, grid_h * patch, grid_w * patch)
 
 
 def patch_groups(
@@ -162,10 +192,17 @@ def base_patch_grid(
 
     labels = image_token_labels(model, processor, image.size, boxes, inputs)
     image = model_view(image, processor, model, inputs)
+    processed = processor.image_processor(
+        image, do_rescale=False, do_normalize=False, resample=PILImageResampling.BICUBIC, return_tensors="pt"
+    )
+    if family_of(model).pixel_layout == "merged_patches":  # one image, one token per 28 px cell
+        base = _unpatchify(processed["pixel_values"], processed["image_grid_thw"][0], processor.image_processor)
+        merge = processor.image_processor.merge_size
+        _, grid_h, grid_w = (int(x) for x in processed["image_grid_thw"][0])
+        grid = labels.view(grid_h // merge, grid_w // merge).numpy()
+        return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     grid = labels[labels != NEITHER][: side * side].view(side, side).numpy()
-    pixels = processor.image_processor(
-        image, do_rescale=False, do_normalize=False, resample=PILImageResampling.BICUBIC, return_tensors="pt"
-    )["pixel_values"][0]
+    pixels = processed["pixel_values"][0]
     base = pixels if pixels.dim() == 3 else pixels[0]
     return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid

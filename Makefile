@@ -81,6 +81,8 @@ $(OVERVIEW): $(ANALYSES) # the overview reads the figures' CSVs the analyses wri
 
 NPROC ?= 2
 sweep: $(STAMP) ## every analysis the notebooks need, split across NPROC processes (Accelerate; NPROC=1: one), into CACHE
+	@$(PY) -m mmflow.params --target sweep --model "$(MODEL)" --dtype "$(DTYPE)" --n "$(N)" --cache-dir "$(CACHE)" \
+	  --inputs "$(INPUTS)" --keep "$(KEEP)"
 	$(VENV)/bin/accelerate launch $(if $(filter 1,$(NPROC)),,--multi_gpu) --num_processes $(NPROC) --num_machines 1 --mixed_precision no \
 	  --dynamo_backend no -m mmflow.sweep --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --n "$(N)" \
 	  --dtype "$(DTYPE)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)"

@@ -35,7 +35,8 @@ def check_output_folder(path: str | Path | None, name: str, owned: bool = False)
     """The absolute folder ``path`` (``~`` expanded, links resolved), after checking that mmflow may write there.
 
     Refused: an empty value, a system folder (``/``, ``/etc``, ``/usr``, ``/tmp`` itself, ...) or anything inside
-    ``/bin``, ``/boot``, ``/dev``, ``/etc``, ``/lib*``, ``/proc``, ``/sbin``, ``/sys``, ``/usr``; the home folder
+    ``/bin``, ``/boot``, ``/dev``, ``/etc``, ``/lib*``, ``/proc``, ``/sbin``, ``/sys``, ``/usr`` (unless it lies in
+    the project, wherever the project is); the home folder
     itself; the project root itself; a path that is a file; a folder (or, if it does not exist yet, its nearest
     existing parent) the user cannot write; with ``owned``, an existing folder that belongs to another user.
     None (not given) passes.
@@ -57,7 +58,8 @@ def check_output_folder(path: str | Path | None, name: str, owned: bool = False)
         raise MmflowError(f"{name} is empty: name a folder (relative to the project or absolute)")
     folder = Path(text).expanduser().resolve()
     hint = f"name a folder of your own, e.g. {name}=results/mine"
-    if folder in _resolved(SYSTEM_FOLDERS) or any(t in folder.parents for t in _resolved(SYSTEM_TREES)):
+    inside_system_tree = PROJECT not in folder.parents and any(t in folder.parents for t in _resolved(SYSTEM_TREES))
+    if folder in _resolved(SYSTEM_FOLDERS) or inside_system_tree:
         raise MmflowError(f"{name}={text!r} is or lies in a system folder ({folder}): {hint}")
     if folder == Path.home().resolve() or folder == PROJECT:
         what = "the project root" if folder == PROJECT else "your home folder"
@@ -110,3 +112,27 @@ def check_run_params(
         except MmflowError as err:
             message = str(err)
             raise MmflowError(message if message.startswith(f"{name}=") else f"{name}={value!r}: {message}") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mmflow.params --target sweep --dtype ... --cache-dir ...``: check a make target's parameters
+    once, before it starts its processes; exit status 2 (and the culprit on stderr) for a bad one."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    parser.add_argument("--target", default="reproduce")
+    for name in ("model", "device", "dtype", "inputs", "keep", "n", "out_dir", "cache_dir"):
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    args = vars(parser.parse_args(argv))
+    target = args.pop("target")
+    try:
+        check_run_params(**args)
+    except MmflowError as err:
+        print(f"make {target}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -67,6 +67,14 @@ def test_make_reproduce_refuses_a_bad_parameter_before_writing_anything(paramete
     assert not Path("/executed").exists() and not Path("/fig1_to_last.png").exists()
 
 
+@pytest.mark.parametrize("parameter", ["CACHE=/", "KEEP=some", "DTYPE=float8"])
+def test_make_sweep_refuses_a_bad_parameter_before_starting_its_processes(parameter, tmp_path):
+    done = make("sweep", parameter, timeout=120)
+    name, value = parameter.split("=")
+    assert done.returncode != 0 and f"make sweep: {name}={value!r}" in done.stderr, done.stderr
+    assert "accelerate" not in done.stdout + done.stderr  # refused before the launcher started
+
+
 def test_make_normalises_a_trailing_slash_of_out_and_cache():
     """OUT=figures/ is the default run (its executed copies are the committed ones), not figures/executed."""
     plain, slashed = make("-n", "reproduce"), make("-n", "reproduce", "OUT=figures/", "CACHE=results/")

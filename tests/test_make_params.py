@@ -167,9 +167,9 @@ def test_another_cache_does_not_change_what_the_committed_executed_copies_record
 
 
 def test_a_run_with_another_cache_uses_it_and_records_the_default(tmp_path):
-    """make reproduce CACHE=elsewhere, on one notebook into a temporary copy: the results land in the cache named,
-    the executed copy names the notebook's default cache relative to itself, and the run's own results folder is
-    untouched."""
+    """make reproduce CACHE=elsewhere, on one notebook into a temporary copy: the results land in the cache named
+    (the kernel reads it from MMFLOW_CACHE_DIR), the executed copy names the notebook's default cache relative to
+    itself and nowhere the cache used."""
     executed, cache = tmp_path / "run" / "4_answer_casing.ipynb", tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "mmflow.execute", str(ROOT / "notebooks" / executed.name), str(executed),

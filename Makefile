@@ -19,6 +19,10 @@ KEEP   ?=
 TOKEN_BUDGET ?=
 # Extra flags for make bench (bench/bench.py --help), e.g. --wide: the models at their real widths, for a GPU.
 BENCH_FLAGS ?=
+# A trailing slash means the same folder (OUT=figures/ is OUT=figures: the committed executed copies); "/" stays "/"
+# (and is refused by mmflow.execute before anything is written).
+override OUT   := $(if $(filter-out /,$(OUT)),$(patsubst %/,%,$(patsubst %/,%,$(OUT))),$(OUT))
+override CACHE := $(if $(filter-out /,$(CACHE)),$(patsubst %/,%,$(patsubst %/,%,$(CACHE))),$(CACHE))
 ifneq ($(TOKEN_BUDGET),)
 export MMFLOW_TOKEN_BUDGET := $(TOKEN_BUDGET)
 endif
@@ -76,8 +80,10 @@ $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
 $(OVERVIEW): $(ANALYSES) # the overview reads the figures' CSVs the analyses write
 
 NPROC ?= 2
-sweep: $(STAMP) ## every analysis the notebooks need, split across NPROC processes (Accelerate), into CACHE
-	$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no \
+sweep: $(STAMP) ## every analysis the notebooks need, split across NPROC processes (Accelerate; NPROC=1: one), into CACHE
+	@$(PY) -m mmflow.params --target sweep --model "$(MODEL)" --dtype "$(DTYPE)" --n "$(N)" --cache-dir "$(CACHE)" \
+	  --inputs "$(INPUTS)" --keep "$(KEEP)"
+	$(VENV)/bin/accelerate launch $(if $(filter 1,$(NPROC)),,--multi_gpu) --num_processes $(NPROC) --num_machines 1 --mixed_precision no \
 	  --dynamo_backend no -m mmflow.sweep --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --n "$(N)" \
 	  --dtype "$(DTYPE)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)"
 

@@ -11,11 +11,14 @@ cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,6 +71,13 @@ def check_unique_ids(examples: Sequence[Example]) -> None:
         seen[example.example_id] = i
 
 
+#: The largest cache file read (a result is a few kB; a bigger file is not one of ours).
+MAX_RESULT_BYTES = 64 * 2**20
+#: Suffix of the temporary files of atomic writes, and after how long one is a leftover of a killed write.
+TMP_SUFFIX = ".tmp"
+STALE_SECONDS = 3600.0
+
+
 class ResultCache:
     """One configuration's results, one JSON file per example, named by the example's digest."""
 
@@ -81,12 +91,13 @@ class ResultCache:
         return self.folder / f"{digest}.json"
 
     def read(self, digest: str) -> dict[str, Any] | None:
-        """The cached result, or None if there is none or the file is unusable (reported by name)."""
+        """The cached result, or None if there is none or the file is unusable (reported by name): only a regular
+        file of at most :data:`MAX_RESULT_BYTES` is read (never a device, a FIFO or a link to one)."""
         path = self.path(digest)
-        if not path.exists():
+        if not os.path.lexists(path):
             return None
         try:
-            result = json.loads(path.read_text())
+            result = json.loads(read_regular(path, MAX_RESULT_BYTES))
             if (
                 not isinstance(result, dict)
                 or result.get("example_digest") != digest
@@ -102,8 +113,9 @@ class ResultCache:
         """Write atomically (a unique temporary file, then rename); returns the result as read back."""
         self.folder.mkdir(parents=True, exist_ok=True)
         payload = {**result, "example_digest": digest}
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{digest[:12]}-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{digest[:12]}-", suffix=TMP_SUFFIX)
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a shared cache's group
             with os.fdopen(fd, "w") as handle:
                 json.dump(payload, handle)
             os.replace(tmp, self.path(digest))
@@ -111,6 +123,47 @@ class ResultCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return json.loads(json.dumps(payload))  # the same types a later read gives
+
+    def remove_stale(self, age: float = STALE_SECONDS) -> list[Path]:
+        """Remove the temporary files of writes killed mid-way: older than ``age`` seconds (a write holds its
+        temporary file for the milliseconds a JSON dump takes, so a live write's file is never that old, on any
+        machine sharing the cache); returns what was removed."""
+        removed = []
+        for tmp in self.folder.glob(f".*{TMP_SUFFIX}"):
+            with contextlib.suppress(OSError):  # gone meanwhile (another process cleaned it)
+                if tmp.is_file() and time.time() - tmp.lstat().st_mtime > age:
+                    tmp.unlink()
+                    removed.append(tmp)
+        return removed
+
+
+def read_regular(path: Path, limit: int) -> str:
+    """The text of ``path`` if it is a regular file of at most ``limit`` bytes (opened without blocking, so a FIFO
+    cannot hang the run, and checked on the opened file, so a swapped file cannot slip through).
+
+    Raises:
+        ValueError: naming what the file is instead.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("it is not a regular file (a device, a FIFO or a link to one)")
+        if info.st_size > limit:
+            raise ValueError(f"it holds {info.st_size} bytes, more than the {limit} a result can")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"it holds more than the {limit} bytes a result can")
+    return data.decode("utf-8")
+
+
+def _umask() -> int:
+    """The process umask (read from /proc on Linux, which changes nothing; elsewhere set and restored)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def interactive_frontend() -> bool:
@@ -120,6 +173,9 @@ def interactive_frontend() -> bool:
 
 #: Set by ``make reproduce`` (mmflow.execute): a file whose text the terminal shows while the notebook runs.
 PROGRESS_ENV = "MMFLOW_PROGRESS"
+#: Set by ``make reproduce`` for a ``CACHE`` other than the notebook's default: the cache folder a notebook's
+#: :class:`~mmflow.study.Study` uses instead of its ``cache_dir`` parameter (which the executed copy records).
+CACHE_DIR_ENV = "MMFLOW_CACHE_DIR"
 
 
 def _progress_stream():
@@ -194,6 +250,7 @@ def run_cached(
     """
     stream = _progress_stream()
     cache = ResultCache(cache_dir, key)
+    cache.remove_stale()
     results, computed = [], 0
     for example in _progress_bar(stream)(shard_of(examples, shard), desc=desc, leave=False):
         example = example.with_image()  # decoded once, for the digest and the computation

@@ -8,9 +8,12 @@ declares, resolves paths relative to the directory the command was started in (p
 from __future__ import annotations
 
 import argparse
+import ast
+import atexit
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -18,9 +21,10 @@ from pathlib import Path
 
 import nbformat
 
-from mmflow.cache import env_token_budget
+from mmflow.cache import CACHE_DIR_ENV
 from mmflow.data import parse_n
 from mmflow.errors import MmflowError
+from mmflow.params import check_output_folder, check_run_params
 
 #: Options whose values are paths, made absolute against the caller's directory.
 PATH_OPTIONS = ("data", "images", "out_dir", "cache_dir")
@@ -63,19 +67,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", dest="n_per_task", help="questions per task (0 or empty: the default)")
     args = parser.parse_args(argv)
     workdir = args.executed.parent.resolve()
-    try:
-        params = notebook_parameters(args, list(pm.inspect_notebook(str(args.source))), relative_to=workdir)
-        env_token_budget()  # a bad TOKEN_BUDGET is named before anything runs or is written
+    try:  # every parameter is named before anything runs or is written
+        check_run_params(args.model, args.device, args.dtype, args.inputs, args.keep, args.n_per_task,
+                         args.out_dir, args.cache_dir)  # fmt: skip
+        check_output_folder(args.executed.parent, "EXECUTED")
+        declared = pm.inspect_notebook(str(args.source))
+        params = notebook_parameters(args, list(declared), relative_to=workdir)
+        cache_elsewhere = record_default_cache(params, declared, args.source, workdir)
     except MmflowError as err:
         print(f"make reproduce: {err}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # unwinds: the kernel stops, the progress folder goes
     args.executed.parent.mkdir(parents=True, exist_ok=True)
     print(f"== {args.source.stem}", flush=True)
-    with terminal_progress():
+    with terminal_progress(), environment(CACHE_DIR_ENV, cache_elsewhere):
         status = _execute(pm, args, params, workdir)
     if status == 0:
         settle(args.executed)
     return status
+
+
+def record_default_cache(params: dict, declared: dict, source: Path, workdir: Path) -> str | None:
+    """Make the executed copy record the notebook's default cache folder (relative to the copy), never a machine's
+    cache folder, so a run with another ``CACHE`` writes the same executed copy; returns the cache folder actually
+    used if it differs from the default (the kernel reads it from :data:`~mmflow.cache.CACHE_DIR_ENV`), else None.
+    """
+    if "cache_dir" not in params or "cache_dir" not in declared:
+        return None
+    default = (source.parent / ast.literal_eval(declared["cache_dir"]["default"])).resolve()
+    used = (workdir / params["cache_dir"]).resolve()
+    params["cache_dir"] = os.path.relpath(default, workdir)
+    return None if used == default else str(used)
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str | None):
+    """Set (or, for None, remove) an environment variable the kernel inherits; restored afterwards."""
+    previous = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if previous is not None:
+            os.environ[name] = previous
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    sys.exit(128 + signum)
 
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -107,13 +147,42 @@ def strip_widgets(book: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return book
 
 
+#: Progress folders are ``<tmp>/mmflow-progress-<pid>-<random>``: one whose process is gone is removed.
+PROGRESS_PREFIX = "mmflow-progress-"
+
+
+def remove_stale_progress() -> list[Path]:
+    """Remove this user's progress folders left by a ``make reproduce`` that was killed (its pid is gone on this
+    machine; a folder of a live process is never touched); returns what was removed."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{PROGRESS_PREFIX}*-*"):
+        pid = folder.name[len(PROGRESS_PREFIX) :].split("-")[0]
+        if pid.isdigit() and folder.stat().st_uid == os.geteuid() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def terminal_progress(interval: float = 0.5):
     """Show on stderr what the notebook's runs write to their progress file (see :data:`mmflow.cache.PROGRESS_ENV`):
     per-example progress with an ETA in the terminal, none in the executed notebook."""
     from mmflow.cache import PROGRESS_ENV
 
-    folder = tempfile.mkdtemp(prefix="mmflow-progress-")
+    remove_stale_progress()
+    folder = tempfile.mkdtemp(prefix=f"{PROGRESS_PREFIX}{os.getpid()}-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # also after SIGTERM (see main) or an error
     path = os.path.join(folder, "progress")
     open(path, "w").close()
     previous = os.environ.get(PROGRESS_ENV)

@@ -77,7 +77,24 @@ def check_dtype_device(dtype: str | torch.dtype, device: str) -> torch.dtype:
         torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise MmflowError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from err
+    check_device_available(device)
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def check_device_available(device: str) -> None:
+    """Raise unless this machine has ``device`` (a CUDA device of that index, or MPS); ``cpu`` always exists.
+
+    Raises:
+        MmflowError: naming ``device`` and what this machine has.
+    """
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (kind.index or 0) >= count:
+            found = f"{count} CUDA device(s)" if torch.backends.cuda.is_built() else "a torch built without CUDA"
+            raise MmflowError(f"device {device!r} is not available: this machine has {found}; use device='cpu'")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise MmflowError(f"device {device!r} is not available: this machine has no MPS (Apple GPU); use device='cpu'")
 
 
 def _check_loaded(model: Any, info: dict[str, Any], where: str) -> None:

@@ -12,6 +12,7 @@ A notebook keeps only what is particular to its question::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from mmflow.cache import progress_note
+from mmflow.cache import CACHE_DIR_ENV, progress_note
 from mmflow.data import EMBEDDED_DATA, Example, load_examples
 from mmflow.engines import ENGINES, block_mask
 from mmflow.errors import MmflowError
@@ -113,7 +114,7 @@ class Study:
             device: torch device.
             dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
             out_dir: where figures are written.
-            cache_dir: the results cache.
+            cache_dir: the results cache (``$MMFLOW_CACHE_DIR``, which ``make reproduce CACHE=...`` sets, comes first).
             smoke: a tiny run (2 questions per task) for tests.
             inputs: ``"paper"`` (the official prompt and pad-to-square) or ``"processor"``; None: paper for real
                 checkpoints, processor for the embedded shapes-llava.
@@ -124,6 +125,7 @@ class Study:
         """
         _check_params(tasks, n_per_task, window, engine, dtype, device, keep)
         resolve_inputs(inputs, model)  # bad values, folders and data fail before the model loads
+        cache_dir = os.environ.get(CACHE_DIR_ENV) or cache_dir  # make reproduce CACHE=... (not recorded)
         check_writable_folder(out_dir, "out_dir")
         check_writable_folder(cache_dir, "cache_dir")
         examples = load_examples(data, images or None, tasks, SMOKE_PER_TASK if smoke else n_per_task)

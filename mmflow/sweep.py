@@ -9,20 +9,43 @@ The analyses are :data:`mmflow.study.ANALYSES`, the same declaration the noteboo
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 import torch
 
 from mmflow.errors import MmflowError
 
+#: Environment variables a launcher (``accelerate launch``, ``torchrun``) gives its workers.
+LAUNCHED = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION")
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> bool:
+    """In a worker started by a launcher, on Linux: ask the kernel to send this process SIGTERM when the launcher
+    dies (``PR_SET_PDEATHSIG``), so killing ``accelerate launch``, even with SIGKILL, stops its workers instead of
+    leaving them computing and writing. Returns whether it was set (not for a plain ``python -m mmflow.sweep``,
+    which may outlive its shell, e.g. under nohup)."""
+    if not sys.platform.startswith("linux") or not any(name in os.environ for name in LAUNCHED):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return False
+    if os.getppid() == 1:  # the launcher died before the request: it would never come
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run this process's shard of every analysis; the main process prints what was computed."""
     from accelerate import PartialState
 
-    from mmflow.cache import env_token_budget
     from mmflow.data import load_examples, parse_n
     from mmflow.paper import default_window
+    from mmflow.params import check_run_params
     from mmflow.runs import Run
     from mmflow.study import ANALYSES
 
@@ -38,13 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="fast")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args(argv)
+    die_with_launcher()
+    try:  # named before the process group starts
+        check_run_params(args.model, None, args.dtype, args.inputs, args.keep, args.n, None, args.cache_dir)
+    except MmflowError as err:
+        print(f"make sweep: {err}", file=sys.stderr)
+        return 2
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes, NCCL on GPUs
     torch.set_num_threads(args.threads)
     device = "cpu" if state.device.type == "cpu" else str(state.device)
     shard = (state.process_index, state.num_processes)
     keep = args.keep or "correct"
     try:
-        env_token_budget()  # a bad TOKEN_BUDGET is named before the model loads
         run = Run.load(
             args.model, device=device, dtype=args.dtype, cache_dir=args.cache_dir, inputs=args.inputs or None
         )

@@ -257,6 +257,10 @@ def load_model(
 
     cls = getattr(transformers, family_of(config).model_class)
     use_safetensors = (check_checkpoint_folder(folder) or None) if folder.is_dir() else None
+    from mmflow.cache import interactive_frontend
+
+    if not interactive_frontend():  # a headless run keeps no stuck "Loading weights: 0%" bar in its notebook
+        transformers.utils.logging.disable_progress_bar()
     model = cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=use_safetensors, **safe)
     model.to(device).eval()
     processor = AutoProcessor.from_pretrained(path, **safe)

@@ -12,6 +12,7 @@ import papermill as pm
 import pytest
 
 import mmflow_utils as mu
+from mmflow.report import PROGRESS_BAR
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 FIGURES = mu.NOTEBOOK_FIGURES
@@ -77,6 +78,11 @@ def test_notebook_writes_its_figures(executed, name):
         for suffix in (".png", ".pdf", ".csv"):
             assert (executed / "figures" / f"{figure}{suffix}").stat().st_size > 0
         assert not pd.read_csv(executed / "figures" / f"{figure}.csv").empty
+    # what a reader sees: no progress bar (transformers' "Loading weights"), no cell's return value of paths
+    book = json.loads((executed / f"{name}.ipynb").read_text())
+    outputs = [o for c in book["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+    texts = ["".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) for o in outputs]
+    assert not [t for t in texts if PROGRESS_BAR.search(t) or "PosixPath(" in t]
 
 
 def test_rerun_gives_identical_csvs(executed, tmp_path):
@@ -278,6 +284,9 @@ def test_report_is_offline_with_every_notebook(executed, tmp_path):
         assert "data:image/png;base64," in page  # figures inline
         assert not re.search(r"<script[^>]*src=\"https?:", page) and "cdnjs" not in page  # nothing from the internet
         assert "import mmflow_utils as mu" not in page  # code hidden
+        title = re.search(r"<title>(.*?)</title>", page).group(1)
+        assert re.match(r"\d\. ", title) and '<a href="index.html">' in page  # the notebook's title, a way back
+        assert '<table class="parameters">' in page and "The cell below" not in page and not PROGRESS_BAR.search(page)
 
 
 def test_make_reproduce_shows_progress_in_the_terminal_not_in_the_notebook(tmp_path):

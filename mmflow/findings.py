@@ -179,11 +179,12 @@ def image_to_last(table: pd.DataFrame, n_layers: int) -> Verdict:
         return _not_computed("Image->Last")
     curve = band["mean"]
     small = int((curve.abs() <= SMALL_PP).sum())
-    _, _, drop = _drop_text(curve, n_layers)
+    layer = int(curve.abs().idxmax())
+    farthest = f"largest change {curve[layer]:+.1f}% at layer {layer} ({layer_third(layer, n_layers)} layers)"
     per_task = table[table.flow == "Image->Last"]
     worst = per_task.iloc[int(per_task["mean"].abs().to_numpy().argmax())]
     tasks_small = abs(worst["mean"]) <= SMALL_PP
-    observed = f"mean over tasks within ±{SMALL_PP:.0f}% at {small} of {len(curve)} centre layers; {drop}"
+    observed = f"mean over tasks within ±{SMALL_PP:.0f}% at {small} of {len(curve)} centre layers; {farthest}"
     if not tasks_small:
         observed += f"; {worst['task']} alone {worst['mean']:+.1f}% at layer {int(worst['layer'])}"
     edges = {
@@ -196,7 +197,7 @@ def image_to_last(table: pd.DataFrame, n_layers: int) -> Verdict:
         for surely in (True, False)
     }
     verdict = INCONCLUSIVE if len(edges) == 2 else _image_to_last_verdict(small, len(curve), tasks_small)
-    return _verdict("Image->Last", observed, verdict, band, int(curve.abs().idxmax()))
+    return _verdict("Image->Last", observed, verdict, band, layer)
 
 
 def question_to_last(table: pd.DataFrame, n_layers: int) -> Verdict:

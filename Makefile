@@ -88,7 +88,7 @@ sweep: $(STAMP) ## every analysis the notebooks need, split across NPROC process
 	  --dtype "$(DTYPE)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)"
 
 REPORT ?= results/report
-report: $(RUNS) ## HTML report of the executed notebooks (code hidden, figures inline) -> REPORT/index.html
+report: $(STAMP) ## HTML report of the executed notebooks as they are (runs nothing; make reproduce first) -> REPORT/index.html
 	$(PY) -m mmflow.report $(EXECUTED) "$(REPORT)"
 
 check-data: $(STAMP) ## check DATA + IMAGES against MODEL's config and processor (no weights) before a long run

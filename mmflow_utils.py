@@ -34,7 +34,9 @@ from mmflow.figures import (
     describe_curves,
     largest_drop,
     mean_over_tasks,
+    overview_curves,
     plot_curves,
+    plot_overview,
     plot_patch_overlay,
     read_manifest,
     record_provenance,
@@ -72,6 +74,7 @@ from mmflow.paper import (
 from mmflow.patches import NEITHER, OTHER, RELATED, image_token_labels, patch_groups
 from mmflow.runs import KEEP, Run, greedy_answer
 from mmflow.study import ANALYSES, Study
+from mmflow.styles import STYLES, line_style
 from mmflow.tables import accuracy_table, example_table, wrong_answers
 from mmflow.widgets import KnockoutExplorer, LensExplorer
 
@@ -96,7 +99,7 @@ __all__ = [
     "FIG_TO_LAST", "FIG_IMAGE_TO_QUESTION", "FIG_PATCH_GROUPS", "FIG_PATCH_EXAMPLE", "FIG_CASING",
     "FIG_CASING_PER_TASK", "FIG_OVERVIEW", "NOTEBOOK_FIGURES", "COLORS", "curve_table", "plot_curves", "save_figure",
     "largest_drop", "mean_over_tasks", "describe_curves", "plot_patch_overlay", "record_provenance", "read_manifest",
-    "check_provenance", "findings", "Verdict",
+    "check_provenance", "findings", "Verdict", "plot_overview", "overview_curves", "STYLES", "line_style",
     "verdict_table", "verdict_markdown", "Study", "ANALYSES", "KnockoutExplorer", "LensExplorer",
 ]
 # fmt: on

@@ -22,8 +22,9 @@ knockout     :func:`knockout_sweep`, one generic function for every flow
 lens         the logit lens
 runs         correctness filter and :class:`Run` (analyses many examples through the cache)
 tables       per-task accounting of every example (analysed, not encodable, skipped flows)
-figures      curve tables with bootstrap bands, seaborn plots, figure files, provenance
-findings     the paper's claims against computed verdicts
+styles       one look (colour, dash, marker) per flow and lens token; integer layer axes
+figures      curve tables with bootstrap bands, the figures (analyses and overview), figure files, provenance
+findings     the paper's claims against computed verdicts, with n and the band (or "inconclusive")
 widgets      the knockout and logit-lens explorers
 study        :class:`Study`, what every notebook shares
 ===========  ===========================================================================================

@@ -20,9 +20,11 @@ import pandas as pd
 
 from mmflow.data import Example
 from mmflow.errors import MmflowError
+from mmflow.lens import ANSWER, WITH_NORM
 from mmflow.models import LlavaModel
 from mmflow.paper import layer_third
 from mmflow.patches import RELATED, base_patch_grid
+from mmflow.styles import STYLES, layer_axis, line_style
 
 FIG_TO_LAST = "fig1_to_last"
 FIG_IMAGE_TO_QUESTION = "fig2_image_to_question"
@@ -46,21 +48,8 @@ NO_KEPT = "no kept examples"
 NOISE_PP = 1.0
 
 
-#: One colour (and line style) per flow and per lens token, the same in every figure.
-COLORS = {
-    "Question->Last": "#1f77b4",
-    "Image->Last": "#ff7f0e",
-    "Last->Last": "#2ca02c",
-    "Image->Question": "#9467bd",
-    "Related patches->Question": "#d62728",
-    "Other patches->Question": "#7f7f7f",
-    "answer (lowercase)": "#1f77b4",
-    "answer (Capitalized)": "#ff7f0e",
-    "false option (lowercase)": "#2ca02c",
-    "false option (Capitalized)": "#d62728",
-}
-#: Dashed lines for curves that would hide under others (Image->Last lies on Last->Last when both are ~0).
-DASHED = {"Image->Last", "false option (lowercase)", "false option (Capitalized)"}
+#: The colour of each flow and lens token (from :data:`~mmflow.styles.STYLES`, the one table of looks).
+COLORS = {label: style.color for label, style in STYLES.items()}
 #: Bootstrap resamples of the 95% band, and its seed (so reruns draw the same band).
 N_BOOT, BOOT_SEED = 1000, 0
 
@@ -97,6 +86,33 @@ def curve_table(
     return pd.DataFrame(out, columns=[*by, "mean", "n", "ci_low", "ci_high"])
 
 
+def _short(label: str) -> str:
+    """A curve label without its parenthesised form: ``answer (lowercase)`` -> ``answer``."""
+    return label.split(" (")[0]
+
+
+def panel_n(part: pd.DataFrame, line: str) -> str:
+    """The examples behind a panel's curves: ``n=40``, or per curve where they differ (``n=240 answer, 120 false
+    option``, or with the full labels where the short ones would be ambiguous).
+
+    Example:
+        >>> t = pd.DataFrame({"token": ["answer (lowercase)", "false option (lowercase)"], "n": [240, 120]})
+        >>> panel_n(t, "token"), panel_n(t.assign(n=40), "token")
+        ('n=240 answer, 120 false option', 'n=40')
+    """
+    counts = part.groupby(line, sort=False)["n"].max()
+    if counts.nunique() == 1:
+        return f"n={int(counts.iloc[0])}"
+    groups: dict[int, list[str]] = {}
+    for label, n in counts.items():
+        groups.setdefault(int(n), []).append(label)
+    short = {n: list(dict.fromkeys(_short(label) for label in labels)) for n, labels in groups.items()}
+    names = [name for labels in short.values() for name in labels]
+    if len(names) != len(set(names)):
+        short = groups
+    return "n=" + ", ".join(f"{n} {'/'.join(labels)}" for n, labels in sorted(short.items(), reverse=True))
+
+
 def plot_curves(
     table: pd.DataFrame,
     panel: str = "task",
@@ -108,9 +124,11 @@ def plot_curves(
     panels: Sequence[str] | None = None,
     xlabel: str | None = None,
 ) -> Any:
-    """One panel per ``panel`` value, one seaborn line (mean, with its bootstrap band) per ``line`` value.
+    """One panel per ``panel`` value, one line (mean, with its bootstrap band) per ``line`` value.
 
-    Colours and line styles are fixed per flow / token (:data:`COLORS`); the panels of a figure share their y axis.
+    Each flow / token is drawn in its style of :data:`~mmflow.styles.STYLES`; the panels share their y axis; each
+    panel's layer axis has integer ticks and spans its own layers; its title says how many examples stand behind
+    its curves (per curve where they differ).
 
     Args:
         panels: the panels to draw, in order (default: those in ``table``); one without data says
@@ -121,67 +139,79 @@ def plot_curves(
         The matplotlib figure.
     """
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     panels = list(dict.fromkeys(panels if panels is not None else table[panel])) or [NO_KEPT]
     ncols = min(ncols, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(
-        nrows,
-        ncols,
-        figsize=(4.4 * ncols, 3.3 * nrows + 0.5),
-        squeeze=False,
-        sharex=True,
-        sharey=True,
-        layout="constrained",
+        nrows, ncols, figsize=(4.4 * ncols, 3.3 * nrows + 0.6), squeeze=False, sharey=True, layout="constrained"
     )
     labels = list(dict.fromkeys(table[line]))
-    palette = {label: COLORS.get(label, sns.color_palette()[i % 10]) for i, label in enumerate(labels)}
-    dashes = {label: (4, 2) if label in DASHED else "" for label in labels}
+    styles = {label: line_style(label, i) for i, label in enumerate(labels)}
     for ax, name in zip(axes.flat, panels):
         part = table[table[panel] == name]
-        if len(part):
-            sns.lineplot(
-                data=part,
-                x=x,
-                y="mean",
-                hue=line,
-                style=line,
-                palette=palette,
-                dashes=dashes,
-                hue_order=labels,
-                style_order=labels,
-                marker="o",
-                markersize=4,
-                ax=ax,
-                legend=False,
-            )
-            for label, curve in part.groupby(line, sort=False):
-                ax.fill_between(curve[x], curve["ci_low"], curve["ci_high"], color=palette[label], alpha=0.18, lw=0)
-        else:
+        for label, curve in part.groupby(line, sort=False):
+            curve = curve.sort_values(x)
+            ax.plot(curve[x], curve["mean"], markersize=4, label=label, **styles[label])
+            ax.fill_between(curve[x], curve["ci_low"], curve["ci_high"], color=styles[label]["color"], alpha=0.18, lw=0)
+        if not len(part):
             ax.text(0.5, 0.5, NO_KEPT, ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.axhline(0, color="grey", lw=0.6)
-        ax.set_title(f"{name} (n={int(part['n'].max()) if len(part) else 0})", fontsize=10)
-        ax.set_xlabel(xlabel or ("centre layer" if line == "flow" else "layer"))
+        ax.set_title(f"{name}\n{panel_n(part, line) if len(part) else 'n=0'}", fontsize=10)
+        layer_axis(ax, sorted(part[x].unique()), xlabel or ("centre layer" if line == "flow" else "layer"))
         ax.set_ylabel(ylabel, fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if labels:
-        handles = [
-            plt.Line2D(
-                [],
-                [],
-                color=palette[lab],
-                marker="o",
-                markersize=4,
-                linestyle="--" if lab in DASHED else "-",
-                label=lab,
-            )
-            for lab in labels
-        ]
+        handles = [plt.Line2D([], [], markersize=4, label=label, **styles[label]) for label in labels]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+#: The flows figure 5 puts side by side, from figures 1 and 3.
+OVERVIEW_FLOWS = ("Other patches->Question", "Related patches->Question", "Question->Last", "Image->Last")
+
+
+def overview_curves(flows: pd.DataFrame, lens: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Figure 5's curves: the stages' flows averaged over tasks (``flow, layer, mean``) and the answer's forms
+    through the lens with the final norm (``token, layer, mean``)."""
+    stages = mean_over_tasks(flows)
+    stages = stages[stages.flow.isin(OVERVIEW_FLOWS)]
+    casing = lens[(lens.view == WITH_NORM) & lens.token.str.startswith(ANSWER)][["token", "layer", "mean"]]
+    return stages, casing
+
+
+def plot_overview(flows: pd.DataFrame, lens: pd.DataFrame, title: str) -> Any:
+    """Figure 5: the knockout stages (mean over tasks) beside the answer's lowercase and Capitalized forms, each
+    curve in its style and labelled with the examples behind it.
+
+    Args:
+        flows: the per-task curve tables of figures 1 and 3; lens: figure 4's table; title: names model and k.
+    """
+    import matplotlib.pyplot as plt
+
+    stages, casing = overview_curves(flows, lens)
+    n_flow = flows.groupby(["flow", "task"])["n"].max().groupby("flow").sum()
+    n_token = lens[lens.view == WITH_NORM].groupby("token")["n"].max()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    panels = (
+        (axes[0], stages, "flow", n_flow, "centre layer", "% change in answer probability (mean over tasks)"),
+        (axes[1], casing, "token", n_token, "layer", "probability at the last position"),
+    )
+    for ax, curves, line, counts, xlabel, ylabel in panels:
+        for i, (label, curve) in enumerate(curves.groupby(line, sort=False)):
+            ax.plot(
+                curve["layer"], curve["mean"], markersize=4, label=f"{label}, n={counts[label]}", **line_style(label, i)
+            )
+        layer_axis(ax, sorted(curves["layer"].unique()), xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    axes[0].axhline(0, color="grey", lw=0.6)
+    axes[0].set_title("Attention knockout: flows, mean over tasks")
+    axes[1].set_title(f"Logit lens: answer forms, {WITH_NORM}")
+    fig.suptitle(title)
     return fig
 
 

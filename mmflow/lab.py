@@ -1,6 +1,6 @@
 """JupyterLab as ``make lab`` starts it: the notebooks folder, on 127.0.0.1, with a save hook that keeps the
 notebook sources clean in git (outputs live in the browser session and in ``notebooks/executed/``, never in the
-tracked sources)."""
+tracked sources), and no news or update pop-up over the explorers (the settings in :data:`SETTINGS_DIR`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+#: JupyterLab's application settings folder for ``make lab``: its ``overrides.json`` turns off the "get notified
+#: about Jupyter news?" pop-up and the update check (read only: nothing is written outside the repository).
+SETTINGS_DIR = Path(__file__).resolve().parent / "lab_settings"
 
 
 def strip_outputs(model: dict[str, Any], path: str, **_: Any) -> None:
@@ -42,7 +46,8 @@ def strip_outputs(model: dict[str, Any], path: str, **_: Any) -> None:
 
 def lab_command(root_dir: str, port: int = 8888, token: str | None = None) -> list[str]:
     """The ``jupyter lab`` command ``make lab`` runs (the browser test runs the same one): 127.0.0.1 only, no
-    browser opened, the clean-source save hook, no calls to the internet for news or updates."""
+    browser opened, the clean-source save hook, no calls to the internet for news or updates and no pop-up asking
+    about them (the overrides in :data:`SETTINGS_DIR`)."""
     command = [
         str(Path(sys.executable).with_name("jupyter")),
         "lab",
@@ -53,6 +58,7 @@ def lab_command(root_dir: str, port: int = 8888, token: str | None = None) -> li
         "--FileContentsManager.pre_save_hook=mmflow.lab.strip_outputs",
         "--LabApp.news_url=None",
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        f"--LabApp.app_settings_dir={SETTINGS_DIR}",
     ]
     if os.geteuid() == 0:  # containers and CI run as root; Jupyter refuses that unless told
         command.append("--ServerApp.allow_root=True")

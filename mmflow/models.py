@@ -164,6 +164,10 @@ def load_model(
     config = _config(located, where)
     cls = getattr(transformers, family_of(config).model_class)
     use_safetensors = (check_checkpoint_folder(located.folder) or None) if located.folder else None
+    from mmflow.cache import interactive_frontend
+
+    if not interactive_frontend():  # a headless run keeps no stuck "Loading weights: 0%" bar in its notebook
+        transformers.utils.logging.disable_progress_bar()
     try:
         model, info = cls.from_pretrained(
             located.path,

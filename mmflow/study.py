@@ -153,9 +153,16 @@ class Study:
             f"({counts}) from {self.data}; inputs={self.run.inputs!r}, keep={self.keep!r}"
         )
 
-    def title(self, what: str) -> str:
-        """A figure title naming the model and the window."""
-        return f"{self.run.name}: {what} (k={self.k})"
+    def title(self, what: str, window: bool = True) -> str:
+        """A figure title naming the model, ``what`` it shows (the flows or the lens view) and (``window``) the
+        window k, which the logit lens does not have.
+
+        Example:
+            >>> from types import SimpleNamespace as NS
+            >>> Study.title(NS(run=NS(name="m"), k=3), "Image->Question")
+            'm: Image->Question, k=3'
+        """
+        return f"{self.run.name}: {what}, k={self.k}" if window else f"{self.run.name}: {what}"
 
     def encode(self, example: Example, patches: bool = True) -> Encoded:
         """An example's input and token groups (with patch groups by default)."""
@@ -232,11 +239,12 @@ class Study:
         ``table`` (see :func:`~mmflow.figures.stable_table`)."""
         return stable_table(table, self.out_dir, name)
 
-    def figure(self, fig: Any, data: pd.DataFrame, name: str) -> list[Path]:
-        """Save a figure with its data as ``out_dir/name``.png/.pdf/.csv, note its provenance, and show it."""
+    def figure(self, fig: Any, data: pd.DataFrame, name: str) -> None:
+        """Save a figure with its data as ``out_dir/name``.png/.pdf/.csv, note its provenance, and show it (returns
+        nothing, so a notebook cell ending with it prints no list of paths)."""
         import matplotlib.pyplot as plt
 
-        paths = save_figure(fig, data, self.out_dir, name)
+        save_figure(fig, data, self.out_dir, name)
         record_provenance(
             self.out_dir,
             name,
@@ -251,7 +259,6 @@ class Study:
             model_identity=self.run.identity.sha256 if self.run.identity else None,
         )
         plt.show()
-        return paths
 
     def explore(self, flows: Sequence[str], rows: pd.DataFrame | None = None) -> None:
         """The knockout explorer for these flows (a static figure when run headless); settings that ``rows`` (the

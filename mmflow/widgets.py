@@ -19,6 +19,7 @@ from mmflow.knockout import knockout_sweep
 from mmflow.lens import ANSWER, FALSE_OPTION, LENS_VIEWS, WITH_NORM, answer_token_ids, logit_lens, token_label
 from mmflow.paper import window_layers
 from mmflow.runs import Run
+from mmflow.styles import layer_axis, line_style
 
 #: The y axis of a knockout curve spans at least this many percentage points, so noise is not magnified.
 MIN_SPAN_PP = 2.0
@@ -136,8 +137,10 @@ class _Explorer:
 
 
 class KnockoutExplorer(_Explorer):
-    """Window size (odd, so each window has a centre), centre layers, flow, task and example; re-runs the fast
-    knockout for the setting and draws the example's patch groups beside the curve.
+    """Window size, centre layers, flow, task and example; re-runs the fast knockout for the setting and draws the
+    example's patch groups beside the curve. Every window size is offered, even ones included (an even window has
+    no middle layer: it reaches k/2 layers below its centre and k/2 - 1 above), and the panel starts on the
+    notebook's ``window``, so its first figure is the notebook's setting.
 
     Example::
 
@@ -156,10 +159,8 @@ class KnockoutExplorer(_Explorer):
 
         super().__init__(run, examples, rows)
         n_layers = run.n_layers
-        top = n_layers if n_layers % 2 else n_layers - 1
-        odd = window if window % 2 else window + 1
         self.window = widgets.IntSlider(
-            value=min(odd, top), min=1, max=top, step=2, description="window k", continuous_update=False
+            value=min(window, n_layers), min=1, max=n_layers, step=1, description="window k", continuous_update=False
         )
         self.layers = widgets.IntRangeSlider(
             value=(0, n_layers - 1), min=0, max=n_layers - 1, description="centres", continuous_update=False
@@ -181,29 +182,35 @@ class KnockoutExplorer(_Explorer):
         return sweep.assign(example_id=example.example_id, task=example.task)
 
     def title(self, example: Example) -> str:
-        """The curve's title: task, example, flow and window."""
-        return f"{example.task} {example.example_id}: {self.flow.value}, k={self.window.value}"
+        """The setting, each part once: task, example, flow, window k and the centre layers."""
+        lo, hi = self.layers.value
+        centres = f"centre layer {lo}" if lo == hi else f"centre layers {lo}-{hi}"
+        return f"{example.task} {example.example_id}: {self.flow.value}, k={self.window.value}, {centres}"
 
     def describe(self) -> str:
-        """What the figure shows: the window's extent around a centre layer."""
+        """What a window covers, shown on the middle of the chosen centres (the title names k, flow and range)."""
         k, n = self.window.value, self.run.n_layers
-        window = window_layers(n // 2, k, n)
+        lo, hi = self.layers.value
+        middle = (lo + hi) // 2
+        window = window_layers(middle, k, n)
+        around = f"{k // 2} layer(s) on each side" if k % 2 else f"{k // 2} layer(s) below and {k // 2 - 1} above"
         return (
-            f"k={k}: the centre layer l and {k // 2} layer(s) on each side (at l={n // 2}: layers "
-            f"{window.start}-{window.stop - 1}), truncated at the model's first and last layers"
+            f"each window is its centre layer l and {around} (at l={middle}: layers {window.start}-"
+            f"{window.stop - 1}), truncated at the model's first and last layers"
         )
 
     def draw(self, example: Example) -> Any:
-        """The example's patch groups and the knockout curve of the current setting."""
+        """The example's patch groups and the knockout curve of the current setting (in the flow's style)."""
         import matplotlib.pyplot as plt
 
         fig, (ax_img, ax_curve) = plt.subplots(1, 2, figsize=(10, 3.6))
         plot_patch_overlay(self.run.model, self.run.processor, example, ax_img, self.run.inputs)
         change = self.result["rel_change"].round(3)  # 1e-3 pp: the same drawing across machines' float rounding
-        ax_curve.plot(self.result["layer"], change, marker="o")
+        ax_curve.plot(self.result["layer"], change, label=self.flow.value, **line_style(self.flow.value))
         ax_curve.axhline(0, color="grey", lw=0.6)
         _at_least(ax_curve, float(min(change.min(), 0)), float(max(change.max(), 0)), MIN_SPAN_PP)
-        ax_curve.set(xlabel="centre layer", ylabel=YLABEL_CHANGE)
+        layer_axis(ax_curve, sorted(self.result["layer"]), "centre layer")
+        ax_curve.set_ylabel(YLABEL_CHANGE)
         ax_curve.set_title(textwrap.fill(self.title(example), 60), fontsize=9)
         fig.tight_layout()
         plt.show()
@@ -250,22 +257,27 @@ class LensExplorer(_Explorer):
         return rows[(rows.layer >= lo) & (rows.layer <= hi)].assign(example_id=example.example_id, task=example.task)
 
     def title(self, example: Example) -> str:
-        """The figure's title: task, example and view."""
-        return f"{example.task} {example.example_id}: {LENS_VIEWS[self.view.value]}"
+        """The setting, each part once: task, example, view and the layers drawn (those the view has)."""
+        layers = sorted(self.result.layer.unique()) if self.result is not None and len(self.result) else []
+        shown = f", layers {layers[0]}-{layers[-1]}" if layers else ", no layer in range"
+        return f"{example.task} {example.example_id}: {LENS_VIEWS[self.view.value]}{shown}"
 
     def describe(self) -> str:
-        """What the figure shows."""
-        note = "" if self.view.value == "final_norm" else f" (the verdict uses '{WITH_NORM}')"
-        return f"{LENS_VIEWS[self.view.value]}, layers {self.layers.value[0]}..{self.layers.value[1]}{note}"
+        """What the figure shows (the title names the view and the layers)."""
+        note = "" if self.view.value == "final_norm" else f"; the verdict uses the view '{WITH_NORM}'"
+        return f"probability of the answer's (and false option's) lowercase and Capitalized forms per layer{note}"
 
     def draw(self, example: Example) -> Any:
-        """Probability per layer of each tracked token."""
+        """Probability per layer of each tracked token, in the tokens' styles; the x label explains layer -1 only
+        where the view has it."""
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 3.4))
-        for token, curve in self.result.groupby("token", sort=False):
-            ax.plot(curve["layer"], curve["prob"], marker=".", label=token)
-        ax.set(xlabel="layer (-1: embeddings)", ylabel="probability", ylim=(0, 1))
+        for i, (token, curve) in enumerate(self.result.groupby("token", sort=False)):
+            ax.plot(curve["layer"], curve["prob"], markersize=4, label=token, **line_style(token, i))
+        layers = sorted(self.result["layer"].unique())
+        layer_axis(ax, layers, "layer (-1: embeddings)" if layers and layers[0] == -1 else "layer")
+        ax.set(ylabel="probability", ylim=(0, 1))
         ax.set_title(textwrap.fill(self.title(example), 70), fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()

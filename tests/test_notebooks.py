@@ -7,11 +7,14 @@ import json
 import re
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 import papermill as pm
 import pytest
 
 import mmflow_utils as mu
+from mmflow.report import PROGRESS_BAR
+from mmflow.styles import tick_values
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 FIGURES = mu.NOTEBOOK_FIGURES
@@ -77,6 +80,11 @@ def test_notebook_writes_its_figures(executed, name):
         for suffix in (".png", ".pdf", ".csv"):
             assert (executed / "figures" / f"{figure}{suffix}").stat().st_size > 0
         assert not pd.read_csv(executed / "figures" / f"{figure}.csv").empty
+    # what a reader sees: no progress bar (transformers' "Loading weights"), no cell's return value of paths
+    book = json.loads((executed / f"{name}.ipynb").read_text())
+    outputs = [o for c in book["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+    texts = ["".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) for o in outputs]
+    assert not [t for t in texts if "Loading weights" in t or "PosixPath(" in t]  # (mmflow's own bar: see below)
 
 
 def test_rerun_gives_identical_csvs(executed, tmp_path):
@@ -112,8 +120,11 @@ def test_failing_notebook_names_the_cell(tmp_path):
 
 def test_overview_writes_computed_verdicts(executed):
     verdicts = pd.read_csv(executed / "figures" / "verdicts.csv")
-    assert list(verdicts.columns) == ["analysis", "paper", "this_model", "verdict"]
-    assert set(verdicts.verdict) <= {"agrees", "mostly agrees", "partly", "differs"} and len(verdicts) == 6
+    assert list(verdicts.columns) == ["analysis", "paper", "this_model", "verdict", "n", "layer", "ci_low", "ci_high"]
+    # a smoke run (2 examples per task) is too small to judge: every computed verdict says so, with its n and band
+    computed = verdicts[verdicts.verdict != "not computed"]
+    assert len(verdicts) == 6 and len(computed) and set(computed.verdict) == {"inconclusive"}
+    assert (computed.n < mu.findings.MIN_EXAMPLES).all() and (computed.ci_low <= computed.ci_high).all()
     manifest = json.loads((executed / "figures" / "manifest.json").read_text())
     assert manifest[mu.FIG_OVERVIEW] == {"model": "shapes-llava", "data": "shapes"}
     assert {entry["examples"] for name, entry in manifest.items() if name != mu.FIG_OVERVIEW} == {12}
@@ -135,12 +146,31 @@ def test_explorer_callbacks_without_browser(tmp_path):
     assert explorer.example.options[0][0].startswith(examples[1].example_id)
     assert explorer.result.example_id.iloc[0] == examples[1].example_id
     fig = explorer.draw(examples[1])
-    assert len(fig.axes) == 2 and fig.axes[1].get_title() == f"QueryAttr {examples[1].example_id}: Image->Last, k=1"
+    title = f"QueryAttr {examples[1].example_id}: Image->Last, k=1, centre layers 2-4"
+    assert len(fig.axes) == 2 and " ".join(fig.axes[1].get_title().split()) == title  # wrapped to fit
     assert explorer.question.value.endswith(f"{examples[1].question} (answer: {examples[1].answer})")
-    assert explorer.window.step == 2 and explorer.window.continuous_update is False  # odd windows, on release
+    assert explorer.window.step == 1 and explorer.window.continuous_update is False  # every window, on release
     assert "k=1" in explorer.status.value and "computing" not in explorer.status.value
+    curve = fig.axes[1].get_lines()[0]  # drawn in the flow's style, as in the figures
+    style = mu.STYLES["Image->Last"]
+    assert matplotlib.colors.to_hex(curve.get_color()) == style.color and curve.get_marker() == style.marker
+    assert all(float(t).is_integer() for t in tick_values(fig.axes[1]))
     lo, hi = fig.axes[1].get_ylim()
     assert hi - lo >= 2.0  # a tiny change does not fill the axis
+
+
+def test_knockout_explorer_states_window_centres_and_flow_once_and_keeps_an_even_window(tmp_path):
+    """With window = 4 from the parameters cell, the explorer starts at k=4 (not 5); with centres 3-7 its status
+    and title name the window, the range and the flow exactly once each, and the example layer is inside the range."""
+    run = mu.Run.load(mu.EMBEDDED_MODEL, cache_dir=str(tmp_path))
+    explorer = mu.KnockoutExplorer(run, mu.load_examples(n=1, tasks=["ChooseAttr"]), list(mu.TO_LAST_FLOWS), window=4)
+    assert explorer.window.value == 4
+    explorer.layers.value = (3, 7)
+    status, title = explorer.status.value, explorer.title(explorer.current)
+    for text in (status, title):
+        assert text.count("k=4") == 1 and text.count("centre layers 3-7") == 1 and text.count("Question->Last") == 1
+    assert "k=4: k=4" not in status and "at l=5:" in status and "2 layer(s) below and 1 above" in status
+    assert explorer.result.layer.tolist() == [3, 4, 5, 6, 7] and set(explorer.result.k) == {4}
 
 
 def test_explorers_read_the_analysis_rows_and_compute_only_what_they_lack(tmp_path):
@@ -180,6 +210,16 @@ def test_lens_explorer_callbacks_without_browser(tmp_path):
     explorer.task.value = "QueryAttr"
     assert explorer.result.example_id.iloc[0] == examples[1].example_id
     assert set(explorer.result.token) == {"answer (lowercase)", "answer (Capitalized)"}  # no options in QueryAttr
+    example = explorer.current
+    assert explorer.status.value.count(mu.PAPER_VIEW) == 1 and explorer.title(example).endswith("layers 2-4")
+    explorer.layers.value = (-1, 7)
+    assert explorer.draw(example).axes[0].get_xlabel() == "layer (-1: embeddings)"
+    explorer.view.value = "final_norm"  # no layer -1 in this view: neither in the label nor in the title
+    assert explorer.status.value.count(mu.WITH_NORM) == 1 and explorer.title(example).endswith("layers 0-7")
+    ax = explorer.draw(example).axes[0]
+    assert ax.get_xlabel() == "layer" and ax.get_xlim()[0] > -1
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert lines["answer (Capitalized)"].get_marker() == mu.STYLES["answer (Capitalized)"].marker
 
 
 def test_make_passes_each_notebook_its_own_parameters_with_absolute_paths(tmp_path, monkeypatch):
@@ -275,6 +315,9 @@ def test_report_is_offline_with_every_notebook(executed, tmp_path):
         assert "data:image/png;base64," in page  # figures inline
         assert not re.search(r"<script[^>]*src=\"https?:", page) and "cdnjs" not in page  # nothing from the internet
         assert "import mmflow_utils as mu" not in page  # code hidden
+        title = re.search(r"<title>(.*?)</title>", page).group(1)
+        assert re.match(r"\d\. ", title) and '<a href="index.html">' in page  # the notebook's title, a way back
+        assert '<table class="parameters">' in page and "The cell below" not in page and not PROGRESS_BAR.search(page)
 
 
 def test_make_reproduce_shows_progress_in_the_terminal_not_in_the_notebook(tmp_path):

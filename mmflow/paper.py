@@ -64,8 +64,7 @@ INTERNVL_SYSTEM = (
 #: The official InternVL turn (``internvl2_5``, MPT separators): ChatML, the image (``<IMG_CONTEXT>``, which the
 #: HF processor expands to ``<img>`` + tiles x 256 tokens + ``</img>``) on its own line before the question.
 INTERNVL_TEMPLATE = (
-    "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\n{text}<|im_end|>\n"
-    "<|im_start|>assistant\n"
+    "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\n{text}<|im_end|>\n<|im_start|>assistant\n"
 )
 
 #: The paper's flows as (source group, target group): the target's attention to the source is blocked.

@@ -12,8 +12,15 @@ import pytest
 import torch
 from PIL import Image
 from test_family_qwen import oracle_p
-from tiny_internvl import BACKBONES, INTERNVL_CHAT_TEMPLATE, MAX_PATCHES, SYSTEM, TILE, TOKENS_PER_TILE
-from tiny_internvl import build_tiny_internvl
+from tiny_internvl import (
+    BACKBONES,
+    INTERNVL_CHAT_TEMPLATE,
+    MAX_PATCHES,
+    SYSTEM,
+    TILE,
+    TOKENS_PER_TILE,
+    build_tiny_internvl,
+)
 
 import mmflow_utils as mu
 from mmflow import models
@@ -101,7 +108,8 @@ def expected_labels(size, box):
     labels = [lab for t in range(rows * cols) for lab in tile(ys[t // cols * TILE :], xs[t % cols * TILE :])]
     views = ["tiles"] * len(labels)
     if rows * cols > 1:
-        thumb = tile(hits(TILE, height, math.floor(y), math.ceil(y + h)), hits(TILE, width, math.floor(x), math.ceil(x + w)))
+        ys, xs = hits(TILE, height, math.floor(y), math.ceil(y + h)), hits(TILE, width, math.floor(x), math.ceil(x + w))
+        thumb = tile(ys, xs)
         labels, views = labels + thumb, views + ["thumbnail"] * len(thumb)
     return labels, views
 

@@ -141,11 +141,13 @@ def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
     return torch.isin(ids, torch.tensor(marker_ids, dtype=ids.dtype)).nonzero().flatten().tolist() if markers else []
 
 
-def _inserted_markers(processor, prompt: str, marker_ids: list[int]) -> int:
-    """Characters of the image-marker tokens the processor added to ``prompt`` while expanding the image (InternVL's
-    ``<img>``/``</img>``; 0 where the prompt already holds them, as Qwen's ``<|vision_start|>``/``<|vision_end|>``)."""
-    tokens = processor.tokenizer.convert_ids_to_tokens(marker_ids)
-    return sum(len(t) * (tokens.count(t) - prompt.count(t)) for t in set(tokens))
+def _inserted_chars(processor, prompt: str, n_image: int, offsets: torch.Tensor) -> int:
+    """Characters the processor added to ``prompt`` besides the ``n_image`` copies of its image token (InternVL's
+    ``<img>``/``</img>``; 0 for LLaVA and Qwen, whose prompts hold their markers): how far the text after the image
+    moved, from the last character the tokenizer covers in the expanded text and in ``prompt`` itself."""
+    plain = processor.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    moved = int(offsets[:, 1].max()) - max(b for _, b in plain)
+    return moved - (n_image - 1) * len(processor.image_token)
 
 
 @dataclass
@@ -245,16 +247,15 @@ def encode(
     offsets_t = batch.pop("offset_mapping")[0]
     ids = batch["input_ids"][0]
     image_pos = (ids == processor.image_token_id).nonzero().flatten().tolist()
-    markers = image_markers(processor, ids, config) if config is not None else []  # the family names them
-    inserted = _inserted_markers(processor, prompt, [int(ids[p]) for p in markers])
+    inserted = _inserted_chars(processor, prompt, len(image_pos), offsets_t)
     offsets = _expanded_offsets(prompt, processor.image_token, len(image_pos), offsets_t, inserted)
     groups: dict[str, list[int]] = {
         "image": image_pos,
         "question": tokens_in_span(offsets, q_span),
         "last": [len(ids) - 1],
     }
-    if config is not None:
-        groups["image_markers"] = markers
+    if config is not None:  # the family tells which tokens frame the image
+        groups["image_markers"] = image_markers(processor, ids, config)
     located: dict[str, str] = {}
     if options:
         try:

@@ -153,6 +153,8 @@ def test_prompts_and_groups(internvl, inputs):
     assert groups["last"] == [len(ids) - 1] and not set(groups["image_markers"]) & set(groups["question"])
     assert tok.decode([ids[p] for p in groups["true_option"]]).strip() == "left"
     assert tok.decode([ids[p] for p in groups["false_option"]]).strip() == "right"
+    bare = mu.encode(processor, picture(), QUESTION, inputs="processor")  # no config: no family, same offsets
+    assert tok.decode(bare.inputs["input_ids"][0][bare.groups["question"]]) == QUESTION
 
 
 @pytest.mark.parametrize(

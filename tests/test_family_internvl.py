@@ -187,6 +187,14 @@ def test_patch_labels_against_tiling_arithmetic(internvl, size, box):
     assert shown[:, :, 0].max() > 200  # the red box is in the whole-image view
 
 
+def test_patch_groups_refuse_a_kept_cls_token(internvl, monkeypatch):
+    """With vision_feature_select_strategy 'full' the tile's CLS would be a token: no 2 x 2 patch grid to label."""
+    model, processor = internvl("qwen2")
+    monkeypatch.setattr(model.config, "vision_feature_select_strategy", "full")
+    with pytest.raises(mu.MmflowError, match="vision_feature_select_strategy='default'"):
+        mu.image_token_labels(model, processor, SIZE, [BOX])
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_naive_equals_an_oracle_with_explicit_masks(internvl, backbone):
     model, processor = internvl(backbone)

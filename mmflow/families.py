@@ -45,6 +45,12 @@ class Family:
     pixel_layout: str = "tiles"
     #: the processor class, built image-only (no video processor) where torchvision is missing; None: AutoProcessor
     image_only_processor: str | None = None
+    #: the model's own downsampling of each tile's patch grid into image tokens (InternVL's ``pixel_shuffle``,
+    #: ``(tiles, rows, cols, channels), scale_factor -> (tiles, rows', cols', channels')``); None: one token per patch
+    pixel_shuffle: str | None = None
+    #: the views an image is seen in, each its own patch group (``related_patches@<view>``): InternVL's ``tiles``
+    #: (the dynamic crops) and ``thumbnail`` (the whole image, last); () for one view
+    patch_views: tuple[str, ...] = ()
 
 
 _QWEN_VL = dict(
@@ -70,6 +76,16 @@ FAMILIES = (
         pack_image_features="model.pack_image_features",  # (image_sizes, image_newline, vision_aspect_ratio)
         paper_template="qwen_1_5",
         image_only_processor="LlavaOnevisionProcessor",
+    ),
+    Family(
+        "internvl",
+        "InternVLConfig",
+        "InternVLForConditionalGeneration",
+        image_markers=("<img>", "</img>"),
+        paper_template="internvl2_5",
+        image_only_processor="InternVLProcessor",
+        pixel_shuffle="model.pixel_shuffle",
+        patch_views=("tiles", "thumbnail"),
     ),
     Family(
         "qwen2-vl",
@@ -105,7 +121,7 @@ def family_of(config: Any) -> Family:
         f"(architectures={getattr(config, 'architectures', None)}). "
         f"mmflow supports {', '.join(f.model_class for f in FAMILIES)} checkpoints in the Hugging Face format, "
         "e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-0.5b-ov-hf, "
-        "Qwen/Qwen2-VL-2B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct."
+        "Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct or OpenGVLab/InternVL3-1B-hf."
     )
 
 

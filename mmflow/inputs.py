@@ -19,6 +19,7 @@ from mmflow.paper import (
     LLAMA3_SUFFIX,
     LLAMA3_SYSTEM,
     PAPER_USER,
+    internvl_prompt,
     llava15_prompt,
     qwen15_prompt,
     qwen_vl_prompt,
@@ -53,8 +54,8 @@ def paper_template(processor, config) -> str:
 
     Returns:
         The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
-        LLaVA-OneVision); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has Llama-3's header
-        tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
+        LLaVA-OneVision, ``"internvl2_5"`` for InternVL); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the
+        tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
 
     Raises:
         MmflowError: for a LLaVA backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.
@@ -88,15 +89,18 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
             ``<|vision_start|><|image_pad|><|vision_end|>{question}\\n<instruction>`` (:func:`~mmflow.paper.
             qwen_vl_prompt`), which is exactly what ``"processor"`` gives with the released chat template;
             LLaVA-OneVision the ``qwen_1_5`` conversation of its training code (same system prompt, ``<image>\\n``
-            before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give.
+            before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give;
+            InternVL the ``internvl2_5`` conversation of its chat code (its system message "你是书生·万象...", the
+            image on its own line: :func:`~mmflow.paper.internvl_prompt`), which the -hf template does not give.
             ``"processor"``: the processor's chat template if it has one (the question, a newline and the
             instruction as the user's text after the image), else the LLaVA-1.5 form without a system prompt.
         config: the model's config (needed for ``"paper"``).
     """
     if inputs == "paper":
         template = paper_template(processor, config)
-        if template in ("qwen_vl", "qwen_1_5"):
-            return (qwen_vl_prompt if template == "qwen_vl" else qwen15_prompt)(question)
+        own = {"qwen_vl": qwen_vl_prompt, "qwen_1_5": qwen15_prompt, "internvl2_5": internvl_prompt}
+        if template in own:
+            return own[template](question)
         if template == "vicuna_v1":
             return vicuna_prompt(question)
         messages = [
@@ -138,6 +142,15 @@ def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
     return torch.isin(ids, torch.tensor(marker_ids, dtype=ids.dtype)).nonzero().flatten().tolist() if markers else []
 
 
+def _inserted_chars(processor, prompt: str, n_image: int, offsets: torch.Tensor) -> int:
+    """Characters the processor added to ``prompt`` besides the ``n_image`` copies of its image token (InternVL's
+    ``<img>``/``</img>``; 0 for LLaVA and Qwen, whose prompts hold their markers): how far the text after the image
+    moved, from the last character the tokenizer covers in the expanded text and in ``prompt`` itself."""
+    plain = processor.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    moved = int(offsets[:, 1].max()) - max(b for _, b in plain)
+    return moved - (n_image - 1) * len(processor.image_token)
+
+
 @dataclass
 class Encoded:
     """A model input for one example with its token groups (positions in the language model's sequence)."""
@@ -154,14 +167,23 @@ class Encoded:
         return int(self.inputs["input_ids"].shape[1])
 
 
-def _expanded_offsets(prompt: str, image_token: str, n_image: int, offsets: torch.Tensor) -> list[tuple[int, int]]:
+def _expanded_offsets(
+    prompt: str, image_token: str, n_image: int, offsets: torch.Tensor, inserted: int = 0
+) -> list[tuple[int, int]]:
     """Token offsets mapped from the processor's image-expanded text back to ``prompt`` coordinates.
 
-    Every image token maps to the span of the single ``image_token`` placeholder in ``prompt``.
+    Every token of the expansion (the image tokens and the ``inserted`` characters of marker tokens the processor
+    adds around them, e.g. InternVL's ``<img>``/``</img>``) maps to the span of the single ``image_token``
+    placeholder in ``prompt``.
+
+    Example:
+        >>> _expanded_offsets("a<I>b", "<I>", 2, torch.tensor([[0, 1], [1, 4], [4, 7], [7, 10], [10, 14], [14, 15]]),
+        ...                   inserted=7)
+        [(0, 1), (1, 4), (1, 4), (1, 4), (1, 4), (4, 5)]
     """
     first = prompt.find(image_token)
-    run_end = first + len(image_token) * n_image  # end of the expanded image run
-    shift = (n_image - 1) * len(image_token)
+    run_end = first + len(image_token) * n_image + inserted  # end of the expanded image run
+    shift = run_end - first - len(image_token)
     out = []
     for a, b in offsets.tolist():
         if first < 0 or b <= first:
@@ -227,7 +249,8 @@ def encode(
     offsets_t = batch.pop("offset_mapping")[0]
     ids = batch["input_ids"][0]
     image_pos = (ids == processor.image_token_id).nonzero().flatten().tolist()
-    offsets = _expanded_offsets(prompt, processor.image_token, len(image_pos), offsets_t)
+    inserted = _inserted_chars(processor, prompt, len(image_pos), offsets_t)
+    offsets = _expanded_offsets(prompt, processor.image_token, len(image_pos), offsets_t, inserted)
     groups: dict[str, list[int]] = {
         "image": image_pos,
         "question": tokens_in_span(offsets, q_span),

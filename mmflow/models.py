@@ -20,6 +20,10 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .model.get_rope_index                        M-RoPE: (3, n) position ids (t, h, w)     <- fast knockout
       .model.language_model                        Qwen2 decoder: .layers, .rotary_emb, .norm as above
       .lm_head                                     unembedding                                <- logit lens
+    InternVLForConditionalGeneration               InternVL 2.5 / 3 (-hf): Qwen2, Llama or Qwen3 language model
+      .model.vision_tower                          InternViT on 448 px tiles (dynamic crops + thumbnail), CLS dropped
+      .model.pixel_shuffle                         2 x 2 patches -> one token: 256 tokens per tile <- patch groups
+      .model.language_model                        the backbone: .layers, .rotary_emb, .norm as above
 
 Adding a family is one :class:`~mmflow.families.Family` entry plus a test that loads a tiny checkpoint of it.
 """

@@ -57,6 +57,15 @@ QWEN_VL_TEMPLATE = (
 QWEN15_TEMPLATE = (
     "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\n{text}<|im_end|>\n<|im_start|>assistant\n"
 )
+#: System message of InternVL's ``internvl2_5`` conversation (InternVL 2.5 / 3), which its chat code always sends.
+INTERNVL_SYSTEM = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+#: The official InternVL turn (``internvl2_5``, MPT separators): ChatML, the image (``<IMG_CONTEXT>``, which the
+#: HF processor expands to ``<img>`` + tiles x 256 tokens + ``</img>``) on its own line before the question.
+INTERNVL_TEMPLATE = (
+    "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\n{text}<|im_end|>\n<|im_start|>assistant\n"
+)
 
 #: The paper's flows as (source group, target group): the target's attention to the source is blocked.
 FLOWS = {
@@ -131,6 +140,26 @@ def qwen15_prompt(question: str) -> str:
         <BLANKLINE>
     """
     return QWEN15_TEMPLATE.format(system=QWEN_VL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
+
+
+def internvl_prompt(question: str) -> str:
+    """The official InternVL 2.5 / 3 prompt for ``question``: the ``internvl2_5`` conversation of InternVL's chat
+    code (its system message, the image on its own line, then the question and the paper's instruction). The HF
+    chat template of the -hf checkpoints sends no system message.
+
+    Example:
+        >>> prompt = internvl_prompt("Q?")
+        >>> prompt.startswith("<|im_start|>system\\n" + INTERNVL_SYSTEM + "<|im_end|>\\n")
+        True
+        >>> print(prompt[prompt.index("<|im_start|>user"):])
+        <|im_start|>user
+        <IMG_CONTEXT>
+        Q?
+        Answer the question using a single word or phrase.<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
+    """
+    return INTERNVL_TEMPLATE.format(system=INTERNVL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
 
 
 def default_window(n_layers: int) -> int:

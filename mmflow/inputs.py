@@ -20,6 +20,7 @@ from mmflow.paper import (
     LLAMA3_SYSTEM,
     PAPER_USER,
     llava15_prompt,
+    qwen3_vl_prompt,
     qwen15_prompt,
     qwen_vl_prompt,
     vicuna_prompt,
@@ -52,9 +53,9 @@ def paper_template(processor, config) -> str:
     """The official conversation template for a checkpoint, chosen by its structure (never its name).
 
     Returns:
-        The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
-        LLaVA-OneVision); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has Llama-3's header
-        tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
+        The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen3_vl"`` for
+        Qwen3-VL, ``"qwen_1_5"`` for LLaVA-OneVision); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the
+        tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
 
     Raises:
         MmflowError: for a LLaVA backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.
@@ -87,6 +88,8 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
             Qwen2-VL / Qwen2.5-VL the ChatML turn with the default system prompt "You are a helpful assistant." and
             ``<|vision_start|><|image_pad|><|vision_end|>{question}\\n<instruction>`` (:func:`~mmflow.paper.
             qwen_vl_prompt`), which is exactly what ``"processor"`` gives with the released chat template;
+            Qwen3-VL the same turn without a system turn (its released template adds none:
+            :func:`~mmflow.paper.qwen3_vl_prompt`), again exactly what ``"processor"`` gives;
             LLaVA-OneVision the ``qwen_1_5`` conversation of its training code (same system prompt, ``<image>\\n``
             before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give.
             ``"processor"``: the processor's chat template if it has one (the question, a newline and the
@@ -95,8 +98,9 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
     """
     if inputs == "paper":
         template = paper_template(processor, config)
-        if template in ("qwen_vl", "qwen_1_5"):
-            return (qwen_vl_prompt if template == "qwen_vl" else qwen15_prompt)(question)
+        if template in ("qwen_vl", "qwen_1_5", "qwen3_vl"):
+            prompts = {"qwen_vl": qwen_vl_prompt, "qwen_1_5": qwen15_prompt, "qwen3_vl": qwen3_vl_prompt}
+            return prompts[template](question)
         if template == "vicuna_v1":
             return vicuna_prompt(question)
         messages = [

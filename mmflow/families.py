@@ -41,7 +41,7 @@ class Family:
     #: the paper's inputs pad the image to a square with the mean colour first (the official LLaVA-1.5 code)
     paper_pads: bool = False
     #: how the image processor lays out pixels: "tiles" ((tiles, 3, H, W)) or "merged_patches" (Qwen: one row per
-    #: 14 px patch, ``merge_size``\ :sup:`2` consecutive rows per image token)
+    #: ViT patch (14 px, Qwen3-VL 16 px), ``merge_size``\ :sup:`2` consecutive rows per image token)
     pixel_layout: str = "tiles"
     #: the processor class, built image-only (no video processor) where torchvision is missing; None: AutoProcessor
     image_only_processor: str | None = None
@@ -51,6 +51,9 @@ class Family:
     #: the views an image is seen in, each its own patch group (``related_patches@<view>``): InternVL's ``tiles``
     #: (the dynamic crops) and ``thumbnail`` (the whole image, last); () for one view
     patch_views: tuple[str, ...] = ()
+    #: DeepStack (Qwen3-VL): config path of the vision layers whose features the model adds to the outputs of as many
+    #: first decoder layers, at the image positions; None: the decoder's residual stream is its own
+    deepstack: str | None = None
 
 
 _QWEN_VL = dict(
@@ -101,6 +104,22 @@ FAMILIES = (
         image_only_processor="Qwen2_5_VLProcessor",
         **_QWEN_VL,
     ),
+    Family(
+        "qwen3-vl",
+        "Qwen3VLConfig",
+        "Qwen3VLForConditionalGeneration",
+        image_only_processor="Qwen3VLProcessor",
+        deepstack="vision_config.deepstack_visual_indexes",
+        **{**_QWEN_VL, "paper_template": "qwen3_vl"},
+    ),
+    Family(
+        "qwen3-vl-moe",
+        "Qwen3VLMoeConfig",
+        "Qwen3VLMoeForConditionalGeneration",
+        image_only_processor="Qwen3VLProcessor",
+        deepstack="vision_config.deepstack_visual_indexes",
+        **{**_QWEN_VL, "paper_template": "qwen3_vl"},
+    ),
 )
 
 
@@ -120,8 +139,7 @@ def family_of(config: Any) -> Family:
         f"Unsupported model class: config {type(config).__name__} "
         f"(architectures={getattr(config, 'architectures', None)}). "
         f"mmflow supports {', '.join(f.model_class for f in FAMILIES)} checkpoints in the Hugging Face format, "
-        "e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-0.5b-ov-hf, "
-        "Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct or OpenGVLab/InternVL3-1B-hf."
+        "e.g. llava-hf/llava-1.5-7b-hf or Qwen/Qwen2.5-VL-3B-Instruct (docs/model-families.md: one per family)."
     )
 
 

@@ -21,6 +21,7 @@ from mmflow.paper import (
     PAPER_USER,
     internvl_prompt,
     llava15_prompt,
+    qwen3_vl_prompt,
     qwen15_prompt,
     qwen_vl_prompt,
     vicuna_prompt,
@@ -54,7 +55,8 @@ def paper_template(processor, config) -> str:
 
     Returns:
         The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
-        LLaVA-OneVision, ``"internvl2_5"`` for InternVL); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the
+        LLaVA-OneVision, ``"qwen3_vl"`` for Qwen3-VL, ``"internvl2_5"`` for InternVL); for LLaVA-1.5 and
+        LLaVA-NeXT ``"llava_llama_3"`` if the
         tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
 
     Raises:
@@ -88,6 +90,8 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
             Qwen2-VL / Qwen2.5-VL the ChatML turn with the default system prompt "You are a helpful assistant." and
             ``<|vision_start|><|image_pad|><|vision_end|>{question}\\n<instruction>`` (:func:`~mmflow.paper.
             qwen_vl_prompt`), which is exactly what ``"processor"`` gives with the released chat template;
+            Qwen3-VL the same turn without a system turn (its released template adds none:
+            :func:`~mmflow.paper.qwen3_vl_prompt`), again exactly what ``"processor"`` gives;
             LLaVA-OneVision the ``qwen_1_5`` conversation of its training code (same system prompt, ``<image>\\n``
             before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give;
             InternVL the ``internvl2_5`` conversation of its chat code (its system message "你是书生·万象...", the
@@ -98,7 +102,12 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
     """
     if inputs == "paper":
         template = paper_template(processor, config)
-        own = {"qwen_vl": qwen_vl_prompt, "qwen_1_5": qwen15_prompt, "internvl2_5": internvl_prompt}
+        own = {
+            "qwen_vl": qwen_vl_prompt,
+            "qwen_1_5": qwen15_prompt,
+            "internvl2_5": internvl_prompt,
+            "qwen3_vl": qwen3_vl_prompt,
+        }
         if template in own:
             return own[template](question)
         if template == "vicuna_v1":

@@ -53,6 +53,10 @@ QWEN_VL_TEMPLATE = (
     "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
     "{text}<|im_end|>\n<|im_start|>assistant\n"
 )
+#: The official Qwen3-VL single-image turn: its released chat template adds no system turn unless one is given.
+QWEN3_VL_TEMPLATE = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
+)
 #: The official LLaVA-OneVision turn (``conv_templates["qwen_1_5"]`` of LLaVA-NeXT): ChatML, ``<image>`` on its line.
 QWEN15_TEMPLATE = (
     "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\n{text}<|im_end|>\n<|im_start|>assistant\n"
@@ -121,6 +125,22 @@ def qwen_vl_prompt(question: str) -> str:
         <BLANKLINE>
     """
     return QWEN_VL_TEMPLATE.format(system=QWEN_VL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
+
+
+def qwen3_vl_prompt(question: str) -> str:
+    """The official Qwen3-VL prompt for ``question``, as the released chat template renders it: no system turn (the
+    template adds none by default, unlike Qwen2-VL's), the image first, then the question and the paper's
+    short-answer instruction.
+
+    Example:
+        >>> print(qwen3_vl_prompt("Q?"))
+        <|im_start|>user
+        <|vision_start|><|image_pad|><|vision_end|>Q?
+        Answer the question using a single word or phrase.<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
+    """
+    return QWEN3_VL_TEMPLATE.format(text=f"{question}\n{INSTRUCTION}")
 
 
 def qwen15_prompt(question: str) -> str:

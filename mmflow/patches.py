@@ -73,7 +73,8 @@ def paper_pads(model_or_config) -> bool:
     """True if the paper's inputs pad this model's images to a square first (LLaVA-1.5's ``expand2square``).
 
     Anyres families (LLaVA-NeXT) tile the image as the processor does, which is the official anyres procedure;
-    Qwen2-VL / Qwen2.5-VL resize it to whole 28 px cells (``smart_resize``), which is their official procedure.
+    Qwen2-VL / Qwen2.5-VL resize it to whole 28 px cells (``smart_resize``; Qwen3-VL 32 px cells), which is their
+    official procedure.
     """
     return family_of(model_or_config).paper_pads
 
@@ -98,9 +99,9 @@ def image_token_labels(
     """Label of every image token of an image of ``size`` (W, H): RELATED, OTHER, or NEITHER (CLS, newline).
 
     The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, Qwen's
-    smart_resize into 28 px cells, InternVL's dynamic tiles and thumbnail, with nearest-neighbour resampling and no
-    normalisation) and, for anyres families, the model's own feature packing (unpadding, newline tokens, and
-    OneVision's bilinear downsampling of large grids, after which a token is RELATED if any related patch
+    smart_resize into 28 px cells (Qwen3-VL 32 px), InternVL's dynamic tiles and thumbnail, with nearest-neighbour
+    resampling and no normalisation) and, for anyres families, the model's own feature packing (unpadding, newline
+    tokens, and OneVision's bilinear downsampling of large grids, after which a token is RELATED if any related patch
     contributes to it), for InternVL the model's own pixel shuffle (a token is RELATED if any of its 2 x 2 patches
     is).
 
@@ -176,9 +177,9 @@ def _shuffled_labels(model: LlavaModel, per_tile: torch.Tensor, strategy: str) -
 
 
 def _merged_labels(rows: torch.Tensor, image_processor) -> torch.Tensor:
-    """Labels of the image tokens of one image in the Qwen layout: ``rows`` holds one flattened 14 px patch per row
-    ``(C, temporal, patch, patch)``, ``merge_size**2`` consecutive rows per image token (a 28 px cell), in the
-    order of the tokens; a token is RELATED if any pixel of its cell is red."""
+    """Labels of the image tokens of one image in the Qwen layout: ``rows`` holds one flattened ViT patch per row
+    ``(C, temporal, patch, patch)``, ``merge_size**2`` consecutive rows per image token (a 28 px cell; Qwen3-VL's
+    16 px patches make 32 px cells), in the order of the tokens; a token is RELATED if any pixel of its cell is red."""
     merge, patch = image_processor.merge_size, image_processor.patch_size
     pixels = rows.reshape(-1, merge * merge, 3, image_processor.temporal_patch_size, patch, patch)
     red = ((pixels[:, :, 0] - pixels[:, :, 1]) > 127).flatten(1).any(1)

@@ -57,6 +57,9 @@ QWEN_VL_TEMPLATE = (
 QWEN15_TEMPLATE = (
     "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\n{text}<|im_end|>\n<|im_start|>assistant\n"
 )
+#: Mistral's official single-image turn (``mistral_common``: Pixtral-12B, Mistral-Small-3.1): BOS, the image, then
+#: the text, in one ``[INST]`` block with no system prompt.
+MISTRAL_TEMPLATE = "<s>[INST][IMG]{text}[/INST]"
 
 #: The paper's flows as (source group, target group): the target's attention to the source is blocked.
 FLOWS = {
@@ -131,6 +134,17 @@ def qwen15_prompt(question: str) -> str:
         <BLANKLINE>
     """
     return QWEN15_TEMPLATE.format(system=QWEN_VL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
+
+
+def mistral_prompt(question: str) -> str:
+    """Mistral's official prompt for ``question`` (Pixtral-12B, Mistral-Small-3.1): the ``mistral_common`` encoding
+    of one user message holding the image, then the question and the paper's instruction.
+
+    Example:
+        >>> mistral_prompt("Q?")
+        '<s>[INST][IMG]Q?\\nAnswer the question using a single word or phrase.[/INST]'
+    """
+    return MISTRAL_TEMPLATE.format(text=f"{question}\n{INSTRUCTION}")
 
 
 def default_window(n_layers: int) -> int:

@@ -97,7 +97,8 @@ def image_token_labels(
     """Label of every image token of an image of ``size`` (W, H): RELATED, OTHER, or NEITHER (CLS, newline).
 
     The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, Qwen's
-    smart_resize into 28 px cells, with nearest-neighbour resampling and no normalisation) and, for anyres families,
+    smart_resize into 28 px cells, Pixtral's aspect-preserving resize into 16 or 28 px cells, with nearest-neighbour
+    resampling and no normalisation) and, for anyres families,
     the model's own feature packing (unpadding, newline tokens, and OneVision's bilinear downsampling of large grids,
     after which a token is RELATED if any related patch contributes to it).
 
@@ -108,12 +109,19 @@ def image_token_labels(
 
     mask = model_view(box_mask(size, boxes), processor, model, inputs)  # padding is mean colour: "other"
     pixels = processor.image_processor(
-        mask, resample=PILImageResampling.NEAREST, do_rescale=False, do_normalize=False, return_tensors="pt"
+        mask,
+        resample=PILImageResampling.NEAREST,
+        do_rescale=False,
+        do_normalize=False,
+        return_tensors="pt",
+        **_image_options(model, processor),
     )
     cfg = model.config
     patch = cfg.vision_config.patch_size
     if family_of(model).pixel_layout == "merged_patches":
         return _merged_labels(pixels["pixel_values"], processor.image_processor)
+    if family_of(model).pixel_layout == "native":  # one image at its own aspect ratio, one token per cell
+        return _patch_labels(pixels["pixel_values"][0], native_cell(model, processor))
     tiles = pixels["pixel_values"][0]
     if tiles.dim() == 3:
         tiles = tiles[None]
@@ -133,6 +141,31 @@ def image_token_labels(
         return torch.where(labels == NEITHER, NEITHER, torch.where(labels > OTHER, RELATED, OTHER))
     labels = per_tile[0]
     return torch.cat([torch.tensor([NEITHER]), labels]) if cls_kept else labels
+
+
+def native_cell(model: LlavaModel, processor) -> int:
+    """The side in pixels of the cell one image token covers in the "native" layout (Pixtral: the vision patch,
+    Mistral3: the patch times the merger's ``spatial_merge_size``), as the processor and the model both state it.
+
+    Raises:
+        MmflowError: if the processor's patch size and merge disagree with the model's.
+    """
+    cell = processor.patch_size * processor.spatial_merge_size
+    expected = model.config.vision_config.patch_size * getattr(model.config, "spatial_merge_size", 1)
+    if cell != expected:
+        raise MmflowError(
+            f"The processor makes {cell} px image-token cells (patch_size {processor.patch_size} x spatial_merge_size "
+            f"{processor.spatial_merge_size}) and the model {expected} px: processor and model disagree"
+        )
+    return cell
+
+
+def _image_options(model: LlavaModel, processor) -> dict:
+    """Options the processor itself passes to its image processor: the cell size for the "native" layout."""
+    if family_of(model).pixel_layout != "native":
+        return {}
+    cell = native_cell(model, processor)
+    return {"patch_size": {"height": cell, "width": cell}}
 
 
 def _merged_labels(rows: torch.Tensor, image_processor) -> torch.Tensor:
@@ -193,8 +226,17 @@ def base_patch_grid(
     labels = image_token_labels(model, processor, image.size, boxes, inputs)
     image = model_view(image, processor, model, inputs)
     processed = processor.image_processor(
-        image, do_rescale=False, do_normalize=False, resample=PILImageResampling.BICUBIC, return_tensors="pt"
+        image,
+        do_rescale=False,
+        do_normalize=False,
+        resample=PILImageResampling.BICUBIC,
+        return_tensors="pt",
+        **_image_options(model, processor),
     )
+    if family_of(model).pixel_layout == "native":  # one image, one token per cell, row by row
+        base, cell = processed["pixel_values"][0], native_cell(model, processor)
+        grid = labels.view(base.shape[1] // cell, base.shape[2] // cell).numpy()
+        return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
     if family_of(model).pixel_layout == "merged_patches":  # one image, one token per 28 px cell
         base = _unpatchify(processed["pixel_values"], processed["image_grid_thw"][0], processor.image_processor)
         merge = processor.image_processor.merge_size

@@ -137,8 +137,10 @@ def family_of(config: Any) -> Family:
             return family
     for name, reason in REFUSED.items():
         if isinstance(config, getattr(transformers, name)):
-            raise MmflowError(f"{type(config).__name__} (architectures={getattr(config, 'architectures', None)}): "
-                              f"mmflow refuses this family. {reason}")
+            raise MmflowError(
+                f"{type(config).__name__} (architectures={getattr(config, 'architectures', None)}): "
+                f"mmflow refuses this family. {reason}"
+            )
     raise MmflowError(
         f"Unsupported model class: config {type(config).__name__} "
         f"(architectures={getattr(config, 'architectures', None)}). "
@@ -179,7 +181,6 @@ def build_processor(path: str, config: Any, options: dict[str, Any]) -> Any:
     torchvision installed, that class built from the checkpoint's image processor (its PIL variant), tokenizer and
     chat template only: images are all mmflow feeds it.
     """
-    import transformers
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 

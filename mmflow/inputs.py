@@ -54,8 +54,9 @@ def paper_template(processor, config) -> str:
 
     Returns:
         The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
-        LLaVA-OneVision, ``"mistral"`` for Pixtral-12B and Mistral-Small-3.1); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has Llama-3's header
-        tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
+        LLaVA-OneVision, ``"mistral"`` for Pixtral-12B and Mistral-Small-3.1); for LLaVA-1.5 and LLaVA-NeXT
+        ``"llava_llama_3"`` if the tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for another Llama
+        backbone (Vicuna).
 
     Raises:
         MmflowError: for a LLaVA backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.

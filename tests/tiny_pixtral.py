@@ -112,7 +112,12 @@ def _config(kind: str, tok, layers: int):
         eos_token_id=tok.convert_tokens_to_ids("</s>"),
     )
     vision = transformers.PixtralVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=edge, patch_size=patch
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=edge,
+        patch_size=patch,
     )
     image = tok.convert_tokens_to_ids("[IMG]")
     if kind == "pixtral":
@@ -127,7 +132,11 @@ def _config(kind: str, tok, layers: int):
         )
         return config, transformers.LlavaForConditionalGeneration
     config = transformers.Mistral3Config(
-        vision_config=vision, text_config=text, image_token_index=image, spatial_merge_size=merge, vision_feature_layer=-1
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image,
+        spatial_merge_size=merge,
+        vision_feature_layer=-1,
     )
     return config, transformers.Mistral3ForConditionalGeneration
 

@@ -217,7 +217,8 @@ def encode(
         dtype: dtype of the pixel values (None: the processor's).
         inputs: ``"paper"`` (official prompt; single-tile images padded to a square with the mean colour) or
             ``"processor"`` (see :func:`build_prompt`).
-        config: the model's config (needed for ``"paper"`` and the ``image_markers`` group).
+        config: the model's config (needed for ``"paper"``, the ``image_markers`` group, and for a family whose
+            prompts spell the BOS token, Pixtral / Mistral3, which are then tokenized without adding another).
 
     Returns:
         The inputs and the groups ``image`` (all image-token positions after expansion), ``image_markers`` (the

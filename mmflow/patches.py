@@ -98,9 +98,9 @@ def image_token_labels(
 
     The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, Qwen's
     smart_resize into 28 px cells, Pixtral's aspect-preserving resize into 16 or 28 px cells, with nearest-neighbour
-    resampling and no normalisation) and, for anyres families,
-    the model's own feature packing (unpadding, newline tokens, and OneVision's bilinear downsampling of large grids,
-    after which a token is RELATED if any related patch contributes to it).
+    resampling and no normalisation) and, for anyres families, the model's own feature packing (unpadding, newline
+    tokens, and OneVision's bilinear downsampling of large grids, after which a token is RELATED if any related
+    patch contributes to it).
 
     Returns:
         A float tensor of shape ``(n_image_tokens,)``.

@@ -31,6 +31,11 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
                                                    image positions                           <- fast knockout refuses
       .model.get_rope_index                        interleaved M-RoPE: (3, n) position ids (t, h, w)
       .model.language_model                        Qwen3 decoder (Q/K norm): .layers, .rotary_emb, .norm
+    LlavaForConditionalGeneration (Pixtral-12B)    a LlavaConfig whose vision_config.model_type is "pixtral"
+      .model.vision_tower                          Pixtral ViT, 16 px patches, 2-D RoPE, native aspect ratio
+      .model.language_model                        Mistral decoder: .layers, .rotary_emb, .norm as above
+    Mistral3ForConditionalGeneration               Mistral-Small-3.1: Pixtral ViT on 14 px patches, then
+      .model.multi_modal_projector.patch_merger    a 2x2 merge: one image token per 28 px cell; Mistral decoder
 
 Adding a family is one :class:`~mmflow.families.Family` entry plus a test that loads a tiny checkpoint of it.
 """

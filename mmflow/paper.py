@@ -70,6 +70,9 @@ INTERNVL_SYSTEM = (
 INTERNVL_TEMPLATE = (
     "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\n{text}<|im_end|>\n<|im_start|>assistant\n"
 )
+#: Mistral's official single-image turn (``mistral_common``: Pixtral-12B, Mistral-Small-3.1): BOS, the image, then
+#: the text, in one ``[INST]`` block with no system prompt.
+MISTRAL_TEMPLATE = "<s>[INST][IMG]{text}[/INST]"
 
 #: The paper's flows as (source group, target group): the target's attention to the source is blocked.
 FLOWS = {
@@ -180,6 +183,17 @@ def internvl_prompt(question: str) -> str:
         <BLANKLINE>
     """
     return INTERNVL_TEMPLATE.format(system=INTERNVL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
+
+
+def mistral_prompt(question: str) -> str:
+    """Mistral's official prompt for ``question`` (Pixtral-12B, Mistral-Small-3.1): the ``mistral_common`` encoding
+    of one user message holding the image, then the question and the paper's instruction.
+
+    Example:
+        >>> mistral_prompt("Q?")
+        '<s>[INST][IMG]Q?\\nAnswer the question using a single word or phrase.[/INST]'
+    """
+    return MISTRAL_TEMPLATE.format(text=f"{question}\n{INSTRUCTION}")
 
 
 def default_window(n_layers: int) -> int:

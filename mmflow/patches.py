@@ -99,11 +99,11 @@ def image_token_labels(
     """Label of every image token of an image of ``size`` (W, H): RELATED, OTHER, or NEITHER (CLS, newline).
 
     The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, Qwen's
-    smart_resize into 28 px cells (Qwen3-VL 32 px), InternVL's dynamic tiles and thumbnail, with nearest-neighbour
-    resampling and no normalisation) and, for anyres families, the model's own feature packing (unpadding, newline
-    tokens, and OneVision's bilinear downsampling of large grids, after which a token is RELATED if any related patch
-    contributes to it), for InternVL the model's own pixel shuffle (a token is RELATED if any of its 2 x 2 patches
-    is).
+    smart_resize into 28 px cells (Qwen3-VL 32 px), InternVL's dynamic tiles and thumbnail, Pixtral's
+    aspect-preserving resize into 16 or 28 px cells, with nearest-neighbour resampling and no normalisation) and, for
+    anyres families, the model's own feature packing (unpadding, newline tokens, and OneVision's bilinear
+    downsampling of large grids, after which a token is RELATED if any related patch contributes to it), for
+    InternVL the model's own pixel shuffle (a token is RELATED if any of its 2 x 2 patches is).
 
     Returns:
         A float tensor of shape ``(n_image_tokens,)``.
@@ -117,7 +117,7 @@ def _processed_mask(model: LlavaModel, processor, size, boxes, inputs: str) -> d
     from transformers.image_utils import PILImageResampling
 
     mask = model_view(box_mask(size, boxes), processor, model, inputs)  # padding is mean colour: "other"
-    options = {**getattr(processor, "images_kwargs", {}), "resample": PILImageResampling.NEAREST}
+    options = {**_image_options(model, processor), "resample": PILImageResampling.NEAREST}
     return processor.image_processor(mask, do_rescale=False, do_normalize=False, return_tensors="pt", **options)
 
 
@@ -129,6 +129,9 @@ def _labels_and_views(model: LlavaModel, processor, size, boxes, inputs: str) ->
     patch = _side(cfg.vision_config.patch_size)
     if family.pixel_layout == "merged_patches":
         labels = _merged_labels(pixels["pixel_values"], processor.image_processor)
+        return labels, [""] * len(labels)
+    if family.pixel_layout == "native":  # one image at its own aspect ratio, one token per cell
+        labels = _patch_labels(pixels["pixel_values"][0], native_cell(model, processor))
         return labels, [""] * len(labels)
     tiles = pixels["pixel_values"] if family.pixel_shuffle else pixels["pixel_values"][0]
     if tiles.dim() == 3:
@@ -174,6 +177,33 @@ def _shuffled_labels(model: LlavaModel, per_tile: torch.Tensor, strategy: str) -
     crops, whole = family_of(model).patch_views
     views = [whole if n > 1 and tile == n - 1 else crops for tile in range(n) for _ in range(labels.shape[1])]
     return labels.flatten(), views
+
+
+def native_cell(model: LlavaModel, processor) -> int:
+    """The side in pixels of the cell one image token covers in the "native" layout (Pixtral: the vision patch,
+    Mistral3: the patch times the merger's ``spatial_merge_size``), as the processor and the model both state it.
+
+    Raises:
+        MmflowError: if the processor's patch size and merge disagree with the model's.
+    """
+    cell = processor.patch_size * processor.spatial_merge_size
+    expected = model.config.vision_config.patch_size * getattr(model.config, "spatial_merge_size", 1)
+    if cell != expected:
+        raise MmflowError(
+            f"The processor makes {cell} px image-token cells (patch_size {processor.patch_size} x spatial_merge_size "
+            f"{processor.spatial_merge_size}) and the model {expected} px: processor and model disagree"
+        )
+    return cell
+
+
+def _image_options(model: LlavaModel, processor) -> dict:
+    """Options the processor itself passes to its image processor: its ``images_kwargs`` (e.g. InternVL's
+    ``crop_to_patches``) and, for the "native" layout, the cell size."""
+    options = dict(getattr(processor, "images_kwargs", {}))
+    if family_of(model).pixel_layout == "native":
+        cell = native_cell(model, processor)
+        options["patch_size"] = {"height": cell, "width": cell}
+    return options
 
 
 def _merged_labels(rows: torch.Tensor, image_processor) -> torch.Tensor:
@@ -242,8 +272,12 @@ def base_patch_grid(
 
     labels = image_token_labels(model, processor, image.size, boxes, inputs)
     image = model_view(image, processor, model, inputs)
-    options = {**getattr(processor, "images_kwargs", {}), "resample": PILImageResampling.BICUBIC}
+    options = {**_image_options(model, processor), "resample": PILImageResampling.BICUBIC}
     processed = processor.image_processor(image, do_rescale=False, do_normalize=False, return_tensors="pt", **options)
+    if family_of(model).pixel_layout == "native":  # one image, one token per cell, row by row
+        base, cell = processed["pixel_values"][0], native_cell(model, processor)
+        grid = labels.view(base.shape[1] // cell, base.shape[2] // cell).numpy()
+        return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
     if family_of(model).pixel_layout == "merged_patches":  # one image, one token per 28 px cell
         base = _unpatchify(processed["pixel_values"], processed["image_grid_thw"][0], processor.image_processor)
         merge = processor.image_processor.merge_size

@@ -199,7 +199,8 @@ def native_cell(model: LlavaModel, processor) -> int:
 def _image_options(model: LlavaModel, processor) -> dict:
     """Options the processor itself passes to its image processor: its ``images_kwargs`` (e.g. InternVL's
     ``crop_to_patches``) and, for the "native" layout, the cell size."""
-    options = dict(getattr(processor, "images_kwargs", {}))
+    fixed = ("return_tensors", "do_rescale", "do_normalize", "resample")  # mmflow sets these itself
+    options = {k: v for k, v in getattr(processor, "images_kwargs", {}).items() if k not in fixed}
     if family_of(model).pixel_layout == "native":
         cell = native_cell(model, processor)
         options["patch_size"] = {"height": cell, "width": cell}

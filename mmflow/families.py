@@ -40,11 +40,28 @@ class Family:
     paper_template: str | None = None
     #: the paper's inputs pad the image to a square with the mean colour first (the official LLaVA-1.5 code)
     paper_pads: bool = False
-    #: how the image processor lays out pixels: "tiles" ((tiles, 3, H, W)) or "merged_patches" (Qwen: one row per
-    #: 14 px patch, ``merge_size``\ :sup:`2` consecutive rows per image token)
+    #: how the image processor lays out pixels: "tiles" ((tiles, 3, H, W)), "merged_patches" (Qwen: one row per
+    #: ViT patch (14 px, Qwen3-VL 16 px), ``merge_size``\ :sup:`2` consecutive rows per image token) or "native"
+    #: (Pixtral: one (3, H, W) image at its own aspect ratio, one image token per ``patch_size * spatial_merge_size``
+    #: cell, row by row)
     pixel_layout: str = "tiles"
     #: the processor class, built image-only (no video processor) where torchvision is missing; None: AutoProcessor
     image_only_processor: str | None = None
+    #: the model's own downsampling of each tile's patch grid into image tokens (InternVL's ``pixel_shuffle``,
+    #: ``(tiles, rows, cols, channels), scale_factor -> (tiles, rows', cols', channels')``); None: one token per patch
+    pixel_shuffle: str | None = None
+    #: the views an image is seen in, each its own patch group (``related_patches@<view>``): InternVL's ``tiles``
+    #: (the dynamic crops) and ``thumbnail`` (the whole image, last); () for one view
+    patch_views: tuple[str, ...] = ()
+    #: DeepStack (Qwen3-VL): config path of the vision layers whose features the model adds to the outputs of as many
+    #: first decoder layers, at the image positions; None: the decoder's residual stream is its own
+    deepstack: str | None = None
+    #: sub-structure that tells this family apart from others of the same config class: the vision config's
+    #: ``model_type`` (Pixtral-12B is a ``LlavaConfig`` with a ``"pixtral"`` vision tower); None: any
+    vision_model_type: str | None = None
+    #: the family's prompts (its chat template, its official format) start with the BOS token as text, so the
+    #: tokenizer is asked to add none (Mistral-Small-3.1's tokenizer would add a second one)
+    bos_in_prompt: bool = False
 
 
 _QWEN_VL = dict(
@@ -54,7 +71,15 @@ _QWEN_VL = dict(
     pixel_layout="merged_patches",
 )
 
-#: The supported families, most specific first.
+_MISTRAL = dict(
+    image_markers=("[IMG_BREAK]", "[IMG_END]"),
+    paper_template="mistral",
+    pixel_layout="native",
+    image_only_processor="PixtralProcessor",
+    bos_in_prompt=True,
+)
+
+#: The supported families, most specific first (a family with a sub-structure before the plain one).
 FAMILIES = (
     Family(
         "llava-next",
@@ -62,7 +87,9 @@ FAMILIES = (
         "LlavaNextForConditionalGeneration",
         pack_image_features="model.pack_image_features",
     ),
+    Family("pixtral", "LlavaConfig", "LlavaForConditionalGeneration", vision_model_type="pixtral", **_MISTRAL),
     Family("llava", "LlavaConfig", "LlavaForConditionalGeneration", paper_pads=True),
+    Family("mistral3", "Mistral3Config", "Mistral3ForConditionalGeneration", **_MISTRAL),
     Family(
         "llava-onevision",
         "LlavaOnevisionConfig",
@@ -70,6 +97,16 @@ FAMILIES = (
         pack_image_features="model.pack_image_features",  # (image_sizes, image_newline, vision_aspect_ratio)
         paper_template="qwen_1_5",
         image_only_processor="LlavaOnevisionProcessor",
+    ),
+    Family(
+        "internvl",
+        "InternVLConfig",
+        "InternVLForConditionalGeneration",
+        image_markers=("<img>", "</img>"),
+        paper_template="internvl2_5",
+        image_only_processor="InternVLProcessor",
+        pixel_shuffle="model.pixel_shuffle",
+        patch_views=("tiles", "thumbnail"),
     ),
     Family(
         "qwen2-vl",
@@ -85,7 +122,41 @@ FAMILIES = (
         image_only_processor="Qwen2_5_VLProcessor",
         **_QWEN_VL,
     ),
+    Family(
+        "qwen3-vl",
+        "Qwen3VLConfig",
+        "Qwen3VLForConditionalGeneration",
+        image_only_processor="Qwen3VLProcessor",
+        deepstack="vision_config.deepstack_visual_indexes",
+        **{**_QWEN_VL, "paper_template": "qwen3_vl"},
+    ),
+    Family(
+        "qwen3-vl-moe",
+        "Qwen3VLMoeConfig",
+        "Qwen3VLMoeForConditionalGeneration",
+        image_only_processor="Qwen3VLProcessor",
+        deepstack="vision_config.deepstack_visual_indexes",
+        **{**_QWEN_VL, "paper_template": "qwen3_vl"},
+    ),
 )
+
+
+#: Families mmflow recognises and refuses, by config class, with the reason.
+REFUSED = {
+    "PaliGemmaConfig": (
+        "PaliGemma's prefix (the image and the question) attends bidirectionally: an image token reads the question "
+        "and a question token reads the whole prefix, so a knockout 'X->Question' and the paper's causal reading of "
+        "flows (a position reads only what precedes it) do not mean the same thing. mmflow's flows assume causal "
+        "self-attention over the whole sequence."
+    ),
+    "MllamaConfig": (
+        "Mllama (Llama 3.2 Vision) feeds the image to the language model only through its cross-attention layers: "
+        "no image token is in the self-attention sequence, so Image->X flows are not self-attention edges and the "
+        "'image' group would be empty. (Blocking the question or last rows of the cross-attention mask in the "
+        "window's cross-attention layers, as MLLMs-FlowTracker does, is another measurement; mmflow does not "
+        "implement it.)"
+    ),
+}
 
 
 def family_of(config: Any) -> Family:
@@ -98,15 +169,27 @@ def family_of(config: Any) -> Family:
 
     config = getattr(config, "config", config)
     for family in FAMILIES:
-        if isinstance(config, getattr(transformers, family.config_class)):
+        if isinstance(config, getattr(transformers, family.config_class)) and _has_sub_structure(config, family):
             return family
+    for name, reason in REFUSED.items():
+        if isinstance(config, getattr(transformers, name)):
+            raise MmflowError(
+                f"{type(config).__name__} (architectures={getattr(config, 'architectures', None)}): "
+                f"mmflow refuses this family. {reason}"
+            )
     raise MmflowError(
         f"Unsupported model class: config {type(config).__name__} "
         f"(architectures={getattr(config, 'architectures', None)}). "
         f"mmflow supports {', '.join(f.model_class for f in FAMILIES)} checkpoints in the Hugging Face format, "
-        "e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-0.5b-ov-hf, "
-        "Qwen/Qwen2-VL-2B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct."
+        "e.g. llava-hf/llava-1.5-7b-hf or Qwen/Qwen2.5-VL-3B-Instruct (docs/model-families.md: one per family)."
     )
+
+
+def _has_sub_structure(config: Any, family: Family) -> bool:
+    """True if ``config`` has the sub-structure ``family`` asks for (its vision tower's ``model_type``)."""
+    if family.vision_model_type is None:
+        return True
+    return getattr(getattr(config, "vision_config", None), "model_type", None) == family.vision_model_type
 
 
 @cache
@@ -132,11 +215,47 @@ def build_processor(path: str, config: Any, options: dict[str, Any]) -> Any:
     torchvision installed, that class built from the checkpoint's image processor (its PIL variant), tokenizer and
     chat template only: images are all mmflow feeds it.
     """
-    import transformers
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
     name = family_of(config).image_only_processor
     if name is None or is_torchvision_available():
         return AutoProcessor.from_pretrained(path, **options)
-    return _image_only(getattr(transformers, name)).from_pretrained(path, **options)
+    return _image_only(_processor_class(name)).from_pretrained(path, **options)
+
+
+@cache
+def _processor_class(name: str) -> type:
+    """The transformers processor class ``name``, also where its module imports a helper from the model's
+    torchvision image processor (PixtralProcessor): that one import is then served, while the module loads, by
+    the PIL image processor module of the same model, which defines the same helper; ``sys.modules`` is restored
+    right after."""
+    import importlib
+    import importlib.util
+    import sys
+
+    import transformers
+
+    try:
+        cls = getattr(transformers, name)
+        cls.get_attributes()  # a placeholder for a class whose backend is missing raises ImportError here
+        return cls
+    except ImportError:
+        pass
+    names = transformers.models.auto.processing_auto.PROCESSOR_MAPPING_NAMES
+    model_type = next(  # the model type whose own module defines the class (others reuse it)
+        key
+        for key, value in names.items()
+        if value == name and importlib.util.find_spec(f"transformers.models.{key}.processing_{key}") is not None
+    )
+    base = f"transformers.models.{model_type}"
+    stand_in = f"{base}.image_processing_{model_type}"
+    saved = sys.modules.get(stand_in)
+    sys.modules[stand_in] = importlib.import_module(f"{base}.image_processing_pil_{model_type}")
+    try:
+        return getattr(importlib.import_module(f"{base}.processing_{model_type}"), name)
+    finally:
+        if saved is None:
+            sys.modules.pop(stand_in, None)
+        else:
+            sys.modules[stand_in] = saved

@@ -27,6 +27,7 @@ from mmflow.errors import MmflowError
 from mmflow.inputs import Encoded
 from mmflow.models import (
     LlavaModel,
+    check_reusable_from,
     decoder_layers,
     final_norm,
     layer_mlp,
@@ -321,6 +322,7 @@ def fast_sweep(
             f"This clean run keeps hidden states from position {keep_from}, after a flow's first target "
             f"{min(late)}: pass clean_run(..., keep_cache=True, keep_from={min(late)}) or lower"
         )
+    check_reusable_from(model, encoded.inputs, min((min(targets) for _, targets in flows), default=encoded.length))
     suffixes: dict[int, _Suffix] = {}  # flows with the same first target share a suffix and attention calls
     prepared, rope = [], position_ids(model, encoded.inputs)
     for sources, targets in flows:

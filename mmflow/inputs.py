@@ -19,7 +19,10 @@ from mmflow.paper import (
     LLAMA3_SUFFIX,
     LLAMA3_SYSTEM,
     PAPER_USER,
+    internvl_prompt,
     llava15_prompt,
+    mistral_prompt,
+    qwen3_vl_prompt,
     qwen15_prompt,
     qwen_vl_prompt,
     vicuna_prompt,
@@ -53,8 +56,9 @@ def paper_template(processor, config) -> str:
 
     Returns:
         The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
-        LLaVA-OneVision); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has Llama-3's header
-        tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
+        LLaVA-OneVision, ``"qwen3_vl"`` for Qwen3-VL, ``"internvl2_5"`` for InternVL, ``"mistral"`` for
+        Pixtral-12B and Mistral-Small-3.1); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has
+        Llama-3's header tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
 
     Raises:
         MmflowError: for a LLaVA backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.
@@ -87,16 +91,30 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
             Qwen2-VL / Qwen2.5-VL the ChatML turn with the default system prompt "You are a helpful assistant." and
             ``<|vision_start|><|image_pad|><|vision_end|>{question}\\n<instruction>`` (:func:`~mmflow.paper.
             qwen_vl_prompt`), which is exactly what ``"processor"`` gives with the released chat template;
+            Qwen3-VL the same turn without a system turn (its released template adds none:
+            :func:`~mmflow.paper.qwen3_vl_prompt`), again exactly what ``"processor"`` gives;
             LLaVA-OneVision the ``qwen_1_5`` conversation of its training code (same system prompt, ``<image>\\n``
-            before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give.
+            before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give;
+            InternVL the ``internvl2_5`` conversation of its chat code (its system message "你是书生·万象...", the
+            image on its own line: :func:`~mmflow.paper.internvl_prompt`), which the -hf template does not give;
+            Pixtral-12B / Mistral-Small-3.1 Mistral's ``<s>[INST][IMG]{question}\\n<instruction>[/INST]``
+            (:func:`~mmflow.paper.mistral_prompt`), which is what Pixtral-12B's chat template gives (Mistral-Small-3.1's
+            adds its dated default system prompt).
             ``"processor"``: the processor's chat template if it has one (the question, a newline and the
             instruction as the user's text after the image), else the LLaVA-1.5 form without a system prompt.
         config: the model's config (needed for ``"paper"``).
     """
     if inputs == "paper":
         template = paper_template(processor, config)
-        if template in ("qwen_vl", "qwen_1_5"):
-            return (qwen_vl_prompt if template == "qwen_vl" else qwen15_prompt)(question)
+        own = {
+            "qwen_vl": qwen_vl_prompt,
+            "qwen_1_5": qwen15_prompt,
+            "internvl2_5": internvl_prompt,
+            "qwen3_vl": qwen3_vl_prompt,
+            "mistral": mistral_prompt,
+        }
+        if template in own:
+            return own[template](question)
         if template == "vicuna_v1":
             return vicuna_prompt(question)
         messages = [
@@ -138,6 +156,22 @@ def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
     return torch.isin(ids, torch.tensor(marker_ids, dtype=ids.dtype)).nonzero().flatten().tolist() if markers else []
 
 
+def _image_run(tokenizer, prompt: str, ids: torch.Tensor, image_pos: list[int]) -> list[int]:
+    """Positions of the run the processor put in place of the image placeholder: the image tokens and the tokens
+    it inserted among and right after them (Pixtral's ``[IMG_BREAK]`` and ``[IMG_END]``: added tokens that the
+    prompt does not spell), never a marker the prompt itself carries (Qwen's ``<|vision_end|>``)."""
+    if not image_pos:
+        return []
+    added, images, run, i = tokenizer.get_added_vocab(), set(image_pos), [], image_pos[0]
+    while i < len(ids):
+        token = tokenizer.convert_ids_to_tokens(int(ids[i]))
+        if i not in images and (token not in added or token in prompt):
+            break
+        run.append(i)
+        i += 1
+    return run
+
+
 @dataclass
 class Encoded:
     """A model input for one example with its token groups (positions in the language model's sequence)."""
@@ -154,14 +188,14 @@ class Encoded:
         return int(self.inputs["input_ids"].shape[1])
 
 
-def _expanded_offsets(prompt: str, image_token: str, n_image: int, offsets: torch.Tensor) -> list[tuple[int, int]]:
+def _expanded_offsets(prompt: str, image_token: str, run_end: int, offsets: torch.Tensor) -> list[tuple[int, int]]:
     """Token offsets mapped from the processor's image-expanded text back to ``prompt`` coordinates.
 
-    Every image token maps to the span of the single ``image_token`` placeholder in ``prompt``.
+    The single ``image_token`` placeholder of ``prompt`` became a run ending at character ``run_end`` of the
+    expanded text; every token of the run maps to the placeholder's span.
     """
     first = prompt.find(image_token)
-    run_end = first + len(image_token) * n_image  # end of the expanded image run
-    shift = (n_image - 1) * len(image_token)
+    shift = run_end - first - len(image_token)
     out = []
     for a, b in offsets.tolist():
         if first < 0 or b <= first:
@@ -196,7 +230,8 @@ def encode(
         dtype: dtype of the pixel values (None: the processor's).
         inputs: ``"paper"`` (official prompt; single-tile images padded to a square with the mean colour) or
             ``"processor"`` (see :func:`build_prompt`).
-        config: the model's config (needed for ``"paper"`` and the ``image_markers`` group).
+        config: the model's config (needed for ``"paper"``, the ``image_markers`` group, and for a family whose
+            prompts spell the BOS token, Pixtral / Mistral3, which are then tokenized without adding another).
 
     Returns:
         The inputs and the groups ``image`` (all image-token positions after expansion), ``image_markers`` (the
@@ -223,11 +258,13 @@ def encode(
         text=prompt,
         return_offsets_mapping=True,
         return_tensors="pt",
+        **({"add_special_tokens": False} if config is not None and family_of(config).bos_in_prompt else {}),
     )
     offsets_t = batch.pop("offset_mapping")[0]
     ids = batch["input_ids"][0]
     image_pos = (ids == processor.image_token_id).nonzero().flatten().tolist()
-    offsets = _expanded_offsets(prompt, processor.image_token, len(image_pos), offsets_t)
+    run = _image_run(processor.tokenizer, prompt, ids, image_pos)
+    offsets = _expanded_offsets(prompt, processor.image_token, int(offsets_t[run[-1], 1]) if run else 0, offsets_t)
     groups: dict[str, list[int]] = {
         "image": image_pos,
         "question": tokens_in_span(offsets, q_span),

@@ -20,6 +20,22 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .model.get_rope_index                        M-RoPE: (3, n) position ids (t, h, w)     <- fast knockout
       .model.language_model                        Qwen2 decoder: .layers, .rotary_emb, .norm as above
       .lm_head                                     unembedding                                <- logit lens
+    InternVLForConditionalGeneration               InternVL 2.5 / 3 (-hf): Qwen2, Llama or Qwen3 language model
+      .model.vision_tower                          InternViT on 448 px tiles (dynamic crops + thumbnail), CLS dropped
+      .model.pixel_shuffle                         2 x 2 patches -> one token: 256 tokens per tile <- patch groups
+      .model.language_model                        the backbone: .layers, .rotary_emb, .norm as above
+    Qwen3VLForConditionalGeneration                Qwen3-VL (Qwen3VLMoeForConditionalGeneration: its MoE twin, same map)
+      .model.visual                                ViT on 16 px patches, 2x2 merge: one image token per 32 px cell;
+                                                   DeepStack: features of vision layers deepstack_visual_indexes
+                                                   are added to the outputs of the first decoder layers at the
+                                                   image positions                           <- fast knockout refuses
+      .model.get_rope_index                        interleaved M-RoPE: (3, n) position ids (t, h, w)
+      .model.language_model                        Qwen3 decoder (Q/K norm): .layers, .rotary_emb, .norm
+    LlavaForConditionalGeneration (Pixtral-12B)    a LlavaConfig whose vision_config.model_type is "pixtral"
+      .model.vision_tower                          Pixtral ViT, 16 px patches, 2-D RoPE, native aspect ratio
+      .model.language_model                        Mistral decoder: .layers, .rotary_emb, .norm as above
+    Mistral3ForConditionalGeneration               Mistral-Small-3.1: Pixtral ViT on 14 px patches, then
+      .model.multi_modal_projector.patch_merger    a 2x2 merge: one image token per 28 px cell; Mistral decoder
 
 Adding a family is one :class:`~mmflow.families.Family` entry plus a test that loads a tiny checkpoint of it.
 """
@@ -304,6 +320,31 @@ def position_ids(model: LlavaModel, inputs: dict[str, torch.Tensor]) -> torch.Te
     names = ("input_ids", "image_grid_thw", "attention_mask", "mm_token_type_ids")
     ids, _ = _attr(model, path)(**{name: inputs.get(name) for name in names})
     return ids[:, 0]
+
+
+def deepstack_layers(model: LlavaModel) -> int:
+    """How many first decoder layers get vision features added to their outputs at the image positions (Qwen3-VL's
+    DeepStack; the hidden states transformers records for those layers are taken before the addition); 0 for
+    families without DeepStack."""
+    path = family_of(model).deepstack
+    return len(_attr(model.config, path) or ()) if path else 0
+
+
+def check_reusable_from(model: LlavaModel, inputs: dict[str, torch.Tensor], first: int) -> None:
+    """Raise unless the clean run's hidden states from position ``first`` on are each decoder layer's input, as the
+    fast engine reuses them: DeepStack adds vision features to the first layers' outputs at the image positions
+    after transformers records them, so a suffix from ``first`` must hold no image token.
+
+    Raises:
+        MmflowError: naming the last image position and ``engine='naive'``.
+    """
+    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero() if deepstack_layers(model) else []
+    if len(image) and first <= int(image.max()):
+        raise MmflowError(
+            f"This model adds DeepStack vision features to the outputs of its first {deepstack_layers(model)} "
+            f"decoder layers at the image positions (up to position {int(image.max())}), and a flow's first target "
+            f"is position {first}: the fast engine reuses clean hidden states only after the image; use engine='naive'"
+        )
 
 
 def pack_image_features(model: LlavaModel) -> Any:

@@ -53,10 +53,26 @@ QWEN_VL_TEMPLATE = (
     "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
     "{text}<|im_end|>\n<|im_start|>assistant\n"
 )
+#: The official Qwen3-VL single-image turn: its released chat template adds no system turn unless one is given.
+QWEN3_VL_TEMPLATE = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
+)
 #: The official LLaVA-OneVision turn (``conv_templates["qwen_1_5"]`` of LLaVA-NeXT): ChatML, ``<image>`` on its line.
 QWEN15_TEMPLATE = (
     "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\n{text}<|im_end|>\n<|im_start|>assistant\n"
 )
+#: System message of InternVL's ``internvl2_5`` conversation (InternVL 2.5 / 3), which its chat code always sends.
+INTERNVL_SYSTEM = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+#: The official InternVL turn (``internvl2_5``, MPT separators): ChatML, the image (``<IMG_CONTEXT>``, which the
+#: HF processor expands to ``<img>`` + tiles x 256 tokens + ``</img>``) on its own line before the question.
+INTERNVL_TEMPLATE = (
+    "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\n{text}<|im_end|>\n<|im_start|>assistant\n"
+)
+#: Mistral's official single-image turn (``mistral_common``: Pixtral-12B, Mistral-Small-3.1): BOS, the image, then
+#: the text, in one ``[INST]`` block with no system prompt.
+MISTRAL_TEMPLATE = "<s>[INST][IMG]{text}[/INST]"
 
 #: The paper's flows as (source group, target group): the target's attention to the source is blocked.
 FLOWS = {
@@ -114,6 +130,22 @@ def qwen_vl_prompt(question: str) -> str:
     return QWEN_VL_TEMPLATE.format(system=QWEN_VL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
 
 
+def qwen3_vl_prompt(question: str) -> str:
+    """The official Qwen3-VL prompt for ``question``, as the released chat template renders it: no system turn (the
+    template adds none by default, unlike Qwen2-VL's), the image first, then the question and the paper's
+    short-answer instruction.
+
+    Example:
+        >>> print(qwen3_vl_prompt("Q?"))
+        <|im_start|>user
+        <|vision_start|><|image_pad|><|vision_end|>Q?
+        Answer the question using a single word or phrase.<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
+    """
+    return QWEN3_VL_TEMPLATE.format(text=f"{question}\n{INSTRUCTION}")
+
+
 def qwen15_prompt(question: str) -> str:
     """The official LLaVA-OneVision prompt for ``question``: the ``qwen_1_5`` conversation of the LLaVA-NeXT code
     (default system prompt, ``<image>`` on its own line, then the question and the paper's instruction). The
@@ -131,6 +163,37 @@ def qwen15_prompt(question: str) -> str:
         <BLANKLINE>
     """
     return QWEN15_TEMPLATE.format(system=QWEN_VL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
+
+
+def internvl_prompt(question: str) -> str:
+    """The official InternVL 2.5 / 3 prompt for ``question``: the ``internvl2_5`` conversation of InternVL's chat
+    code (its system message, the image on its own line, then the question and the paper's instruction). The HF
+    chat template of the -hf checkpoints sends no system message.
+
+    Example:
+        >>> prompt = internvl_prompt("Q?")
+        >>> prompt.startswith("<|im_start|>system\\n" + INTERNVL_SYSTEM + "<|im_end|>\\n")
+        True
+        >>> print(prompt[prompt.index("<|im_start|>user"):])
+        <|im_start|>user
+        <IMG_CONTEXT>
+        Q?
+        Answer the question using a single word or phrase.<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
+    """
+    return INTERNVL_TEMPLATE.format(system=INTERNVL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
+
+
+def mistral_prompt(question: str) -> str:
+    """Mistral's official prompt for ``question`` (Pixtral-12B, Mistral-Small-3.1): the ``mistral_common`` encoding
+    of one user message holding the image, then the question and the paper's instruction.
+
+    Example:
+        >>> mistral_prompt("Q?")
+        '<s>[INST][IMG]Q?\\nAnswer the question using a single word or phrase.[/INST]'
+    """
+    return MISTRAL_TEMPLATE.format(text=f"{question}\n{INSTRUCTION}")
 
 
 def default_window(n_layers: int) -> int:

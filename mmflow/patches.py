@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterable, Sequence
+from functools import reduce
 
 import numpy as np
 import torch
@@ -72,7 +73,8 @@ def paper_pads(model_or_config) -> bool:
     """True if the paper's inputs pad this model's images to a square first (LLaVA-1.5's ``expand2square``).
 
     Anyres families (LLaVA-NeXT) tile the image as the processor does, which is the official anyres procedure;
-    Qwen2-VL / Qwen2.5-VL resize it to whole 28 px cells (``smart_resize``), which is their official procedure.
+    Qwen2-VL / Qwen2.5-VL resize it to whole 28 px cells (``smart_resize``; Qwen3-VL 32 px cells), which is their
+    official procedure.
     """
     return family_of(model_or_config).paper_pads
 
@@ -97,28 +99,47 @@ def image_token_labels(
     """Label of every image token of an image of ``size`` (W, H): RELATED, OTHER, or NEITHER (CLS, newline).
 
     The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, Qwen's
-    smart_resize into 28 px cells, with nearest-neighbour resampling and no normalisation) and, for anyres families,
-    the model's own feature packing (unpadding, newline tokens, and OneVision's bilinear downsampling of large grids,
-    after which a token is RELATED if any related patch contributes to it).
+    smart_resize into 28 px cells (Qwen3-VL 32 px), InternVL's dynamic tiles and thumbnail, Pixtral's
+    aspect-preserving resize into 16 or 28 px cells, with nearest-neighbour resampling and no normalisation) and, for
+    anyres families, the model's own feature packing (unpadding, newline tokens, and OneVision's bilinear
+    downsampling of large grids, after which a token is RELATED if any related patch contributes to it), for
+    InternVL the model's own pixel shuffle (a token is RELATED if any of its 2 x 2 patches is).
 
     Returns:
         A float tensor of shape ``(n_image_tokens,)``.
     """
+    return _labels_and_views(model, processor, size, boxes, inputs)[0]
+
+
+def _processed_mask(model: LlavaModel, processor, size, boxes, inputs: str) -> dict:
+    """The box mask as the processor's image processor prepares it (with the processor's own image options, e.g.
+    InternVL's ``crop_to_patches``), nearest-neighbour, not rescaled or normalised."""
     from transformers.image_utils import PILImageResampling
 
     mask = model_view(box_mask(size, boxes), processor, model, inputs)  # padding is mean colour: "other"
-    pixels = processor.image_processor(
-        mask, resample=PILImageResampling.NEAREST, do_rescale=False, do_normalize=False, return_tensors="pt"
-    )
-    cfg = model.config
-    patch = cfg.vision_config.patch_size
-    if family_of(model).pixel_layout == "merged_patches":
-        return _merged_labels(pixels["pixel_values"], processor.image_processor)
-    tiles = pixels["pixel_values"][0]
+    options = {**_image_options(model, processor), "resample": PILImageResampling.NEAREST}
+    return processor.image_processor(mask, do_rescale=False, do_normalize=False, return_tensors="pt", **options)
+
+
+def _labels_and_views(model: LlavaModel, processor, size, boxes, inputs: str) -> tuple[torch.Tensor, list[str]]:
+    """:func:`image_token_labels` and the view of each token (:attr:`~mmflow.families.Family.patch_views`; all
+    ``""`` for a family seen in one view)."""
+    pixels = _processed_mask(model, processor, size, boxes, inputs)
+    cfg, family = model.config, family_of(model)
+    patch = _side(cfg.vision_config.patch_size)
+    if family.pixel_layout == "merged_patches":
+        labels = _merged_labels(pixels["pixel_values"], processor.image_processor)
+        return labels, [""] * len(labels)
+    if family.pixel_layout == "native":  # one image at its own aspect ratio, one token per cell
+        labels = _patch_labels(pixels["pixel_values"][0], native_cell(model, processor))
+        return labels, [""] * len(labels)
+    tiles = pixels["pixel_values"] if family.pixel_shuffle else pixels["pixel_values"][0]
     if tiles.dim() == 3:
         tiles = tiles[None]
     per_tile = torch.stack([_patch_labels(tile, patch) for tile in tiles])  # (n_tiles, patches)
     strategy = cfg.vision_feature_select_strategy
+    if family.pixel_shuffle:
+        return _shuffled_labels(model, per_tile, strategy)
     cls_kept = strategy == "full" and any(hasattr(m, "class_embedding") for m in model.modules())  # CLIP, not SigLIP
     pack = pack_image_features(model)
     if "image_sizes" in pixels and pack is not None:  # anyres: pack the labels exactly like image features
@@ -130,15 +151,66 @@ def image_token_labels(
             options = {"vision_feature_select_strategy": strategy}
         packed, _ = pack([per_tile[..., None]], pixels["image_sizes"], image_newline=torch.tensor([NEITHER]), **options)
         labels = packed[0][:, 0]  # a downsampled token is related if any related patch contributes to it
-        return torch.where(labels == NEITHER, NEITHER, torch.where(labels > OTHER, RELATED, OTHER))
+        labels = torch.where(labels == NEITHER, NEITHER, torch.where(labels > OTHER, RELATED, OTHER))
+        return labels, [""] * len(labels)
     labels = per_tile[0]
-    return torch.cat([torch.tensor([NEITHER]), labels]) if cls_kept else labels
+    labels = torch.cat([torch.tensor([NEITHER]), labels]) if cls_kept else labels
+    return labels, [""] * len(labels)
+
+
+def _side(size) -> int:
+    """A square size given as an int or as (height, width) (InternVL's vision config)."""
+    return size if isinstance(size, int) else int(size[0])
+
+
+def _shuffled_labels(model: LlavaModel, per_tile: torch.Tensor, strategy: str) -> tuple[torch.Tensor, list[str]]:
+    """InternVL: each tile's patch labels through the model's own pixel shuffle (a token is RELATED if any of the
+    patches folded into it is), tiles in order; the views: ``tiles`` for the crops, ``thumbnail`` for the whole
+    image, which the processor appends last when there is more than one crop."""
+    if strategy != "default":
+        raise MmflowError(f"InternVL patch groups need vision_feature_select_strategy='default', not {strategy!r}")
+    n, patches = per_tile.shape
+    side = math.isqrt(patches)
+    shuffle = reduce(getattr, family_of(model).pixel_shuffle.split("."), model)
+    folded = shuffle(per_tile.view(n, side, side, 1), scale_factor=model.config.downsample_ratio)
+    labels = torch.where((folded > OTHER).any(-1), RELATED, OTHER).flatten(1)  # (n_tiles, tokens per tile)
+    crops, whole = family_of(model).patch_views
+    views = [whole if n > 1 and tile == n - 1 else crops for tile in range(n) for _ in range(labels.shape[1])]
+    return labels.flatten(), views
+
+
+def native_cell(model: LlavaModel, processor) -> int:
+    """The side in pixels of the cell one image token covers in the "native" layout (Pixtral: the vision patch,
+    Mistral3: the patch times the merger's ``spatial_merge_size``), as the processor and the model both state it.
+
+    Raises:
+        MmflowError: if the processor's patch size and merge disagree with the model's.
+    """
+    cell = processor.patch_size * processor.spatial_merge_size
+    expected = model.config.vision_config.patch_size * getattr(model.config, "spatial_merge_size", 1)
+    if cell != expected:
+        raise MmflowError(
+            f"The processor makes {cell} px image-token cells (patch_size {processor.patch_size} x spatial_merge_size "
+            f"{processor.spatial_merge_size}) and the model {expected} px: processor and model disagree"
+        )
+    return cell
+
+
+def _image_options(model: LlavaModel, processor) -> dict:
+    """Options the processor itself passes to its image processor: its ``images_kwargs`` (e.g. InternVL's
+    ``crop_to_patches``) and, for the "native" layout, the cell size."""
+    fixed = ("return_tensors", "do_rescale", "do_normalize", "resample")  # mmflow sets these itself
+    options = {k: v for k, v in getattr(processor, "images_kwargs", {}).items() if k not in fixed}
+    if family_of(model).pixel_layout == "native":
+        cell = native_cell(model, processor)
+        options["patch_size"] = {"height": cell, "width": cell}
+    return options
 
 
 def _merged_labels(rows: torch.Tensor, image_processor) -> torch.Tensor:
-    """Labels of the image tokens of one image in the Qwen layout: ``rows`` holds one flattened 14 px patch per row
-    ``(C, temporal, patch, patch)``, ``merge_size**2`` consecutive rows per image token (a 28 px cell), in the
-    order of the tokens; a token is RELATED if any pixel of its cell is red."""
+    """Labels of the image tokens of one image in the Qwen layout: ``rows`` holds one flattened ViT patch per row
+    ``(C, temporal, patch, patch)``, ``merge_size**2`` consecutive rows per image token (a 28 px cell; Qwen3-VL's
+    16 px patches make 32 px cells), in the order of the tokens; a token is RELATED if any pixel of its cell is red."""
     merge, patch = image_processor.merge_size, image_processor.patch_size
     pixels = rows.reshape(-1, merge * merge, 3, image_processor.temporal_patch_size, patch, patch)
     red = ((pixels[:, :, 0] - pixels[:, :, 1]) > 127).flatten(1).any(1)
@@ -162,7 +234,11 @@ def patch_groups(
     boxes: Sequence[Sequence[float]],
     inputs: str = "processor",
 ) -> dict[str, list[int]]:
-    """``related_patches`` / ``other_patches``: image-token positions whose patch overlaps any box, or none.
+    """``related_patches`` / ``other_patches``: image-token positions whose patch overlaps any box, or none; for a
+    family that sees the image in several views (:attr:`~mmflow.families.Family.patch_views`, InternVL's ``tiles``
+    and ``thumbnail``) these are the union over the views, and each view is also its own pair of groups,
+    ``related_patches@<view>`` / ``other_patches@<view>`` (empty where the image has no such view, e.g. no
+    thumbnail for a single tile).
 
     Args:
         image_positions: positions of the image tokens in the language model's sequence.
@@ -173,36 +249,56 @@ def patch_groups(
     Raises:
         MmflowError: if the processor and the model disagree on the number of image tokens.
     """
-    labels = image_token_labels(model, processor, size, boxes, inputs)
+    labels, views = _labels_and_views(model, processor, size, boxes, inputs)
     if len(labels) != len(image_positions):
         raise MmflowError(
             f"{len(labels)} patch labels for {len(image_positions)} image tokens: processor and model disagree"
         )
-    return {
-        "related_patches": [p for p, lab in zip(image_positions, labels.tolist()) if lab == RELATED],
-        "other_patches": [p for p, lab in zip(image_positions, labels.tolist()) if lab == OTHER],
-    }
+    rows = list(zip(image_positions, labels.tolist(), views))
+    groups = {}
+    for view in ("", *family_of(model).patch_views):
+        suffix = f"@{view}" if view else ""
+        groups[f"related_patches{suffix}"] = [p for p, lab, v in rows if lab == RELATED and view in ("", v)]
+        groups[f"other_patches{suffix}"] = [p for p, lab, v in rows if lab == OTHER and view in ("", v)]
+    return groups
 
 
 def base_patch_grid(
     model: LlavaModel, processor, image: Image.Image, boxes: Sequence[Sequence[float]], inputs: str = "processor"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(processed base tile as HxWx3 uint8, labels of its patch grid): what the overlays show."""
+    """(processed base tile as HxWx3 uint8, labels of its patch grid): what the overlays show. The base tile is the
+    whole image as the model sees it: LLaVA's tile, anyres' base tile, Qwen's resized image, InternVL's thumbnail
+    (its only tile when the image is not cropped)."""
     from transformers.image_utils import PILImageResampling
 
     labels = image_token_labels(model, processor, image.size, boxes, inputs)
     image = model_view(image, processor, model, inputs)
-    processed = processor.image_processor(
-        image, do_rescale=False, do_normalize=False, resample=PILImageResampling.BICUBIC, return_tensors="pt"
-    )
+    options = {**_image_options(model, processor), "resample": PILImageResampling.BICUBIC}
+    processed = processor.image_processor(image, do_rescale=False, do_normalize=False, return_tensors="pt", **options)
+    if family_of(model).pixel_layout == "native":  # one image, one token per cell, row by row
+        base, cell = processed["pixel_values"][0], native_cell(model, processor)
+        grid = labels.view(base.shape[1] // cell, base.shape[2] // cell).numpy()
+        return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
     if family_of(model).pixel_layout == "merged_patches":  # one image, one token per 28 px cell
         base = _unpatchify(processed["pixel_values"], processed["image_grid_thw"][0], processor.image_processor)
         merge = processor.image_processor.merge_size
         _, grid_h, grid_w = (int(x) for x in processed["image_grid_thw"][0])
         grid = labels.view(grid_h // merge, grid_w // merge).numpy()
         return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    if family_of(model).pixel_shuffle:  # InternVL: the last tile (the thumbnail, or the only tile)
+        last = labels[-_tokens_per_tile(model) :]
+        side = math.isqrt(len(last))
+        base = processed["pixel_values"][-1]
+        return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), last.view(side, side).numpy()
+    side = _side(model.config.vision_config.image_size) // _side(model.config.vision_config.patch_size)
     grid = labels[labels != NEITHER][: side * side].view(side, side).numpy()
     pixels = processed["pixel_values"][0]
     base = pixels if pixels.dim() == 3 else pixels[0]
     return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
+
+
+def _tokens_per_tile(model: LlavaModel) -> int:
+    """Image tokens per InternVL tile: its patch grid after the pixel shuffle."""
+    cfg = model.config
+    side = _side(cfg.vision_config.image_size) // _side(cfg.vision_config.patch_size)
+    return round(side * cfg.downsample_ratio) ** 2

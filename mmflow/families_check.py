@@ -1,7 +1,8 @@
 """``make families``: every supported family checked live on its tiny replica (:mod:`mmflow.replicas`), one row each.
 
 Each replica is built from config with a fixed seed, saved like a hub folder in a temporary folder (removed after)
-and loaded through mmflow's normal loader, offline. Then, on one picture with the paper's inputs:
+and loaded through mmflow's normal loader, offline. Then, on one picture with the paper's inputs (or the processor's
+where the replica says so):
 
 * **loads**: the checkpoint loads as its family;
 * **groups**: which token groups are non-empty (``patches``: related and other patches both);
@@ -54,16 +55,29 @@ def picture(size: tuple[int, int], box: Sequence[float]) -> Image.Image:
     return image
 
 
+def _sliding_window(config, layer: int) -> int | None:
+    """The sliding window layer ``layer`` attends within (None: every earlier position), read from the config as
+    transformers does: per layer from ``layer_types`` where the config has them, else ``sliding_window`` unless
+    ``use_sliding_window`` is off."""
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if types is not None:
+        return window if types[layer] == "sliding_attention" else None
+    return window if getattr(config, "use_sliding_window", True) else None
+
+
 def oracle_p(model, enc, answer: int, sources, targets, layers) -> float:
     """Probability of ``answer`` when each layer in ``layers`` gets an explicit additive mask (causal minus the cut
-    edges) through a forward pre-hook on its decoder layer, every other layer the causal mask; no mmflow engine."""
-    n = enc.length
+    edges) through a forward pre-hook on its decoder layer, every other layer the causal mask (within the layer's
+    sliding window, if it has one); no mmflow engine."""
+    n, config = enc.length, model.config.get_text_config()
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    cut = causal.clone()
-    cut[torch.tensor(targets)[:, None], torch.tensor(sources)[None, :]] = False
     handles = []
     for j, layer in enumerate(decoder_layers(model)):
-        allowed = cut if j in layers else causal
+        window = _sliding_window(config, j)
+        allowed = causal if window is None else causal & torch.ones(n, n, dtype=torch.bool).triu(1 - window)
+        if j in layers:
+            allowed = allowed.clone()
+            allowed[torch.tensor(targets)[:, None], torch.tensor(sources)[None, :]] = False
         mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
 
         def hook(_module, args, kwargs, mask=mask):
@@ -94,7 +108,8 @@ def _either(want: str, got: str) -> bool:
 
 def _geometry(row: Replica, model, processor, enc) -> tuple[bool, str]:
     """Labels against the independent geometry: same count as the image group, each allowed, both kinds present."""
-    labels = [_LABELS[float(v)] for v in image_token_labels(model, processor, row.size, [row.box], "paper").tolist()]
+    labels = image_token_labels(model, processor, row.size, [row.box], row.inputs).tolist()
+    labels = [_LABELS[float(v)] for v in labels]
     expected = resolve(row.geometry)(row.size, row.box)
     if len(labels) != len(expected) or len(labels) != len(enc.groups["image"]):
         return False, f"FAILED: {len(labels)} labels, {len(expected)} expected, {len(enc.groups['image'])} tokens"
@@ -150,9 +165,9 @@ def check(row: Replica, root: Path) -> dict[str, Any]:
         name = family_of(model).name
         out["loads"] = f"yes ({type(model).__name__})" if name == row.family else f"FAILED: loads as {name}"
         enc = encode(
-            processor, picture(row.size, row.box), QUESTION, ("left", "right"), config=model.config, inputs="paper"
+            processor, picture(row.size, row.box), QUESTION, ("left", "right"), config=model.config, inputs=row.inputs
         )
-        enc.groups.update(patch_groups(model, processor, enc.groups["image"], row.size, [row.box], "paper"))
+        enc.groups.update(patch_groups(model, processor, enc.groups["image"], row.size, [row.box], row.inputs))
         out["group_names"] = _groups(enc.groups)
         out["groups"] = ", ".join(out["group_names"])
         geometry_ok, out["geometry"] = _geometry(row, model, processor, enc)

@@ -38,6 +38,7 @@ class Replica:
     kwargs: dict[str, Any] = field(default_factory=dict)  #: the builder's keyword arguments
     size: tuple[int, int] = (150, 100)  #: the picture the check encodes (width, height)
     box: tuple[float, float, float, float] = (90, 8, 40, 30)  #: its related box (x, y, w, h)
+    inputs: str = "paper"  #: the inputs it is encoded with ("processor" where the paper defines none)
 
 
 _GEOMETRY = "mmflow.replicas.geometry"

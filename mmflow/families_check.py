@@ -111,6 +111,9 @@ def _geometry(row: Replica, model, processor, enc) -> tuple[bool, str]:
     labels = image_token_labels(model, processor, row.size, [row.box], row.inputs).tolist()
     labels = [_LABELS[float(v)] for v in labels]
     expected = resolve(row.geometry)(row.size, row.box)
+    expected = [
+        _LABELS[float(v)] if not isinstance(v, str) else v for v in getattr(expected, "tolist", lambda: expected)()
+    ]
     if len(labels) != len(expected) or len(labels) != len(enc.groups["image"]):
         return False, f"FAILED: {len(labels)} labels, {len(expected)} expected, {len(enc.groups['image'])} tokens"
     wrong = [i for i, (got, want) in enumerate(zip(labels, expected)) if got != want and not _either(want, got)]

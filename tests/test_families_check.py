@@ -120,3 +120,15 @@ def test_specs_resolve_modules_and_files_or_name_the_culprit():
             resolve(spec)
     with pytest.raises(MmflowError, match="No replica of family 'nope'; replicas: llava"):
         fc.main(["--families", "nope"])
+
+
+def test_a_builder_and_geometry_kept_with_the_tests_can_be_registered(tmp_path):
+    """A family's builder and geometry may stay in tests/ (files named relative to the repository root); a geometry
+    may return mmflow's label values, as the Qwen tests' own arithmetic does."""
+    row = dataclasses.replace(
+        replica("qwen2-vl"),
+        builder="tests/tiny_qwen.py:build_tiny_qwen",
+        geometry="tests/test_family_qwen.py:expected_labels",
+    )
+    result = fc.check(row, tmp_path)
+    assert result["ok"] and result["geometry"] == "agrees (4 R / 16 O / 20)"

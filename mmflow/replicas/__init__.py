@@ -9,7 +9,9 @@ family's builder may live wherever it is written.
 
 Registering a family: one :class:`Replica` row in :data:`REPLICAS` whose ``family`` is the
 :attr:`mmflow.families.Family.name`; the builder is called as ``builder(folder, **kwargs)`` and returns the folder;
-the geometry as ``geometry(size, box)`` and returns a label per image token (see :mod:`mmflow.replicas.geometry`).
+the geometry as ``geometry(size, box)`` and returns a label per image token: "R", "O", "N" or "?" (see
+:mod:`mmflow.replicas.geometry`), or mmflow's RELATED / OTHER / NEITHER values (a list or a tensor), so a test's
+own arithmetic such as ``"tests/test_family_qwen.py:expected_labels"`` can serve.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Replica:
 
     family: str  #: the :attr:`mmflow.families.Family.name` it must load as
     builder: str  #: ``"module:function"`` or ``"file.py:function"``: ``builder(folder, **kwargs) -> folder``
-    geometry: str  #: ``"module:function"``: ``geometry(size, box) -> [label per image token]``
+    geometry: str  #: ``"module:function"`` or ``"file.py:function"``: ``geometry(size, box) -> [label per token]``
     paper_inputs: str  #: what ``inputs="paper"`` builds (prompt, image preprocessing), in a few words
     hub_ids: tuple[str, ...]  #: real checkpoints of the family to try
     kwargs: dict[str, Any] = field(default_factory=dict)  #: the builder's keyword arguments

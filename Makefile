@@ -35,7 +35,7 @@ OVERVIEW  := $(filter %_overview.ipynb,$(RUNS))
 ANALYSES  := $(filter-out $(OVERVIEW),$(RUNS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-browser lint format lab reproduce sweep report check-data bench toy-model toy-eval clean FORCE
+.PHONY: help venv test test-browser lint format lab reproduce sweep report check-data families bench toy-model toy-eval clean FORCE
 
 help: ## list the targets
 	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=... INPUTS=... KEEP=... TOKEN_BUDGET=...]"
@@ -93,6 +93,9 @@ report: $(STAMP) ## HTML report of the executed notebooks as they are (runs noth
 
 check-data: $(STAMP) ## check DATA + IMAGES against MODEL's config and processor (no weights) before a long run
 	$(PY) -m mmflow.check_data --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --n "$(N)" --inputs "$(INPUTS)"
+
+families: $(STAMP) ## every model family live on a tiny replica: loads, groups, patch geometry, engines vs oracle, lens
+	HF_HUB_OFFLINE=1 $(PY) -m mmflow.families_check
 
 bench: $(STAMP) ## the knockout engines side by side (speed, memory, agreement); DEVICE=cuda: on a GPU, fp32 and fp16; BENCH_FLAGS=--wide: real widths
 	HF_HUB_OFFLINE=1 $(PY) bench/bench.py --device "$(DEVICE)" $(BENCH_FLAGS)

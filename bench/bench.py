@@ -5,7 +5,9 @@ Models (random weights, reduced width, the real classes and sequence geometry):
 (a) LLaVA-1.5 geometry: 336 px, patch 14, 576 image tokens, 32 layers;
 (b) the embedded shapes-llava model;
 (c) LLaVA-NeXT anyres geometry: a 640x480 image tiled as LLaVA-NeXT does (2,340 image tokens), 32 layers;
-(d) LLaVA-1.5 geometry with 40 layers (as the 13b models).
+(d) LLaVA-1.5 geometry with 40 layers (as the 13b models);
+(e) Qwen2-VL-7B geometry: a 640x480 image resized by smart_resize to 644x476, 23x17 cells of 28 px (391 image
+    tokens between <|vision_start|> and <|vision_end|>), M-RoPE, 28 layers, grouped-query attention.
 
 For each: Question->Last, Image->Last, Last->Last and Image->Question with both engines, and one whole example
 (4 flows + clean run). On (c) and (d) the naive engine runs a sample of the windows (each is one full forward
@@ -15,8 +17,9 @@ efficiency), and a last line
 
     bench: to_last_speedup=<x> image_question_speedup=<x> example_speedup=<x> max_abs_diff=<y>
 
-for model (a) in float32 (targets: >= 100, >= 25, >= 60, <= 1e-5). ``--device cuda`` runs the same on a GPU in
-float32 and float16.
+for model (a) in float32 (targets: >= 100, >= 25, >= 60, <= 1e-5), and the same line for (e) (``bench (e):``).
+As on (a), the naive engine runs every window on (e) (unless ``--wide``). ``--device cuda`` runs the same on a GPU
+in float32 and float16.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
 )
 
 import mmflow_utils as mu
@@ -113,9 +118,67 @@ def llava_next_geometry_model(layers: int = 32, hidden: int = 256, vocab: int = 
     return model, _encoded(vocab, tokens, {"pixel_values": pixels, "image_sizes": sizes})
 
 
+def smart_resize(height: int, width: int, factor: int = 28) -> tuple[int, int]:
+    """Qwen2-VL's resize for an image within its pixel bounds: each side to the nearest multiple of 28 px."""
+    return round(height / factor) * factor, round(width / factor) * factor
+
+
+def qwen2_vl_geometry_model(layers: int = 28, hidden: int = 256, size=(640, 480), vocab: int = 152064, seed: int = 0):
+    """A random Qwen2-VL-shaped model (7B: 28 layers, 28 heads over 4 key-value heads, M-RoPE sections 16/24/24 of
+    each head's 64 frequencies; at reduced width 4 heads over 1, sections 8/12/12) and the input of a ``size`` image:
+    one 14 px patch row per pixel_values row, 2x2 patches merged per image token, the image tokens between
+    <|vision_start|> and <|vision_end|> as the chat template puts them, M-RoPE positions from the model."""
+    torch.manual_seed(seed)
+    heads = max(4, hidden // 128)
+    head_dim = hidden // heads
+    sections = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    video, start, end, image = vocab - 4, vocab - 3, vocab - 2, vocab - 1
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=18944 * hidden // 3584,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 7),
+        max_position_embeddings=32768,
+        initializer_range=0.05,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": sections},
+    )
+    vision = dict(depth=2, embed_dim=128, hidden_size=hidden, num_heads=4, mlp_ratio=4, patch_size=14)
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+    )
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    height, width = smart_resize(size[1], size[0])
+    grid = torch.tensor([[1, height // 14, width // 14]])
+    tokens = height * width // 28**2
+    text_ids = torch.randint(3, video, (3 + QUESTION + TAIL,))
+    ids = torch.cat(
+        [torch.tensor([1]), text_ids[:3], torch.tensor([start]), torch.full((tokens,), image), torch.tensor([end])]
+        + [text_ids[3:]]
+    )[None]
+    first = 5
+    groups = {
+        "image": list(range(first, first + tokens)),
+        "image_markers": [first - 1, first + tokens],
+        "question": list(range(first + tokens + 1, first + tokens + 1 + QUESTION)),
+        "last": [ids.shape[1] - 1],
+    }
+    types = torch.zeros_like(ids)
+    types[0, groups["image"]] = 1
+    extra = {"pixel_values": torch.randn(int(grid.prod()), 3 * 2 * 14 * 14), "image_grid_thw": grid}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types, **extra}
+    return model, mu.Encoded(inputs=inputs, groups=groups, prompt="")
+
+
 def build(name: str, quick: bool, wide: bool = False, device: str = "cpu"):
-    """Model (a), (c) or (d) with its input, built on ``device``; ``quick``: 4 (or 5) layers and 56 px tiles, for
-    the test suite; ``wide``: the language models' real widths (4,096 for (a) and (c), 5,120 for (d))."""
+    """Model (a), (c), (d) or (e) with its input, built on ``device``; ``quick``: 4 (or 5) layers and 56 px tiles
+    (a 112x84 image on (e)), for the test suite; ``wide``: the language models' real widths (4,096 for (a) and
+    (c), 5,120 for (d), 3,584 for (e))."""
     image = 56 if quick else 336
     with torch.device(device):
         if name == "a":
@@ -124,6 +187,9 @@ def build(name: str, quick: bool, wide: bool = False, device: str = "cpu"):
             return llava_next_geometry_model(4 if quick else 32, image=image, hidden=4096 if wide else 256)
         if name == "d":
             return llava15_geometry_model(5 if quick else 40, image=image, hidden=5120 if wide else 256)
+        if name == "e":
+            size = (112, 84) if quick else (640, 480)
+            return qwen2_vl_geometry_model(4 if quick else 28, hidden=3584 if wide else 256, size=size)
     raise ValueError(name)
 
 
@@ -287,7 +353,7 @@ def _measure_memory(engine: str, name: str, device: str, quick: bool, wide: bool
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (float32 and float16)")
-    parser.add_argument("--models", default="a,b,c,d", help="which models, comma-separated")
+    parser.add_argument("--models", default="a,b,c,d,e", help="which models, comma-separated")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--quick", action="store_true", help="tiny versions of the models (for the test suite)")
     parser.add_argument(
@@ -307,6 +373,7 @@ def main() -> None:
         "a": "(a) random LLaVA-1.5 geometry",
         "c": "(c) random LLaVA-NeXT anyres geometry",
         "d": "(d) random LLaVA-1.5 geometry, 40 layers",
+        "e": "(e) random Qwen2-VL-7B geometry, M-RoPE",
     }
     results: dict[tuple[str, torch.dtype], dict[str, float]] = {}
     for dtype in dtypes:
@@ -320,7 +387,7 @@ def main() -> None:
                 continue
             model, encoded = to_device(*build(name, args.quick, args.wide, args.device), args.device, dtype)
             n_layers = mu.num_layers(model)
-            sample = None if name == "a" and not args.wide else sorted({0, n_layers // 2, n_layers - 1})
+            sample = None if name in ("a", "e") and not args.wide else sorted({0, n_layers // 2, n_layers - 1})
             window = mu.default_window(n_layers)
             results[name, dtype] = compare(f"{titles[name]}, {label}", model, encoded, window, sample)
             if dtype == torch.float32:
@@ -336,13 +403,14 @@ def main() -> None:
     for name in (n for n in names if n != "b"):
         memory = {engine: peak_memory(engine, name, args.device, args.quick, args.wide) for engine in mu.ENGINES}
         print(f"  {titles[name]}: " + ", ".join(f"{engine} {mib:.0f} MiB" for engine, mib in memory.items()))
-    if ("a", torch.float32) in results:
-        a = results["a", torch.float32]
-        to_last = min(a[f] for f in FLOWS[:3])
-        print(
-            f"bench: to_last_speedup={to_last:.1f} image_question_speedup={a['Image->Question']:.1f} "
-            f"example_speedup={a['example']:.1f} max_abs_diff={a['max_abs_diff']:.2e}"
-        )
+    for name, prefix in (("e", "bench (e)"), ("a", "bench")):  # (a)'s line last: the targets' summary
+        if (name, torch.float32) in results:
+            stats = results[name, torch.float32]
+            to_last = min(stats[f] for f in FLOWS[:3])
+            print(
+                f"{prefix}: to_last_speedup={to_last:.1f} image_question_speedup={stats['Image->Question']:.1f} "
+                f"example_speedup={stats['example']:.1f} max_abs_diff={stats['max_abs_diff']:.2e}"
+            )
 
 
 if __name__ == "__main__":

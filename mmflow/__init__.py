@@ -30,7 +30,8 @@ study        :class:`Study`, what every notebook shares
 ===========  ===========================================================================================
 
 Commands behind ``make``: ``execute`` (``make reproduce``, one notebook), ``sweep`` (``make sweep``, Accelerate),
-``lab`` (``make lab``), ``report`` (``make report``), ``check_data`` (``make check-data``);
+``lab`` (``make lab``), ``report`` (``make report``), ``check_data`` (``make check-data``), ``families_check``
+(``make families``: every family live on its tiny replica from the ``replicas`` package);
 ``params`` checks the parameters of ``make reproduce`` and ``make sweep`` before anything is written.
 
 Notebooks import the facade ``mmflow_utils``; tests of internals import the submodules.

@@ -191,3 +191,32 @@ def test_a_bad_token_budget_stops_make_before_anything_is_written(tmp_path):
     )
     assert done.returncode == 2 and "MMFLOW_TOKEN_BUDGET must be a positive integer" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_model_e_has_qwen2_vl_7b_geometry():
+    """Bench model (e): a 640x480 image is 391 image tokens (smart_resize to 644x476: 23 x 17 cells of 28 px) between
+    the vision markers, and the model's M-RoPE moves the text after it by the image's side (23), not its 391
+    tokens; both engines agree on the quick version, which `bench.py --quick --models e` reports."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench
+    from mmflow.models import position_ids
+
+    model, enc = bench.qwen2_vl_geometry_model(layers=1, vocab=1000)
+    assert len(enc.groups["image"]) == 391 and enc.inputs["image_grid_thw"].tolist() == [[1, 34, 46]]
+    assert enc.inputs["pixel_values"].shape == (34 * 46, 3 * 2 * 14 * 14)
+    assert enc.groups["image_markers"] == [enc.groups["image"][0] - 1, enc.groups["image"][-1] + 1]
+    config = model.config.get_text_config()
+    assert config.rope_parameters["mrope_section"] == [8, 12, 12] and config.num_key_value_heads == 1
+    rope = position_ids(model, enc.inputs)
+    assert rope.shape == (3, enc.length) and int(rope[0, -1]) == enc.length - 1 - 391 + 23
+    out = subprocess.run(
+        [sys.executable, "bench/bench.py", "--quick", "--models", "e"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    assert "(e) random Qwen2-VL-7B geometry, M-RoPE, float32: 4 layers" in out
+    summary = dict(item.split("=") for item in out.strip().splitlines()[-1].removeprefix("bench (e): ").split())
+    assert float(summary["max_abs_diff"]) <= 1e-5

@@ -1,0 +1,146 @@
+"""Each replica family's patch geometry written out from its description, independently of :mod:`mmflow.patches`:
+for an image of ``size`` (width, height) and a ``box`` (x, y, w, h), the label every image token should get.
+
+A label is ``"R"`` (related: the token sees the box), ``"O"`` (other), ``"N"`` (neither: a newline feature) or
+``"?"`` (related or other: the box edge falls within a pixel of the token's cell, where rounding may go either way).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmflow.replicas import llava as tiny
+from mmflow.replicas import onevision, qwen
+
+
+def _overlap_labels(box, transform, rows: int, cols: int, cell: float) -> list[str]:
+    """Row-major labels of a ``rows`` x ``cols`` grid of ``cell``-px cells: "R" where the transformed box overlaps
+    the cell by at least a pixel each way, "?" where it comes within a pixel, else "O"."""
+    x, y, w, h = box
+    (x0, y0), (x1, y1) = transform(x, y), transform(x + w, y + h)
+    labels = []
+    for r in range(rows):
+        for c in range(cols):
+            ox = min(x1, (c + 1) * cell) - max(x0, c * cell)
+            oy = min(y1, (r + 1) * cell) - max(y0, r * cell)
+            labels.append("R" if ox >= 1 and oy >= 1 else "?" if ox > -1 and oy > -1 else "O")
+    return labels
+
+
+def _hits(n_out: int, n_in: int, lo: float, hi: float, offset: int = 0, n_canvas: int | None = None) -> list[bool]:
+    """Per pixel of a canvas axis holding the axis resized from ``n_in`` to ``n_out`` px at ``offset``: does its
+    nearest source pixel (pixel centres) lie in the box's [lo, hi) range? Padding pixels never do."""
+    lo, hi = math.floor(lo), math.ceil(hi)
+    return [
+        0 <= i - offset < n_out and lo <= math.floor((i - offset + 0.5) * n_in / n_out) < hi
+        for i in range(n_canvas or n_out)
+    ]
+
+
+def _cells(hits: list[bool], cell: int) -> list[bool]:
+    """Per ``cell``-px cell of an axis: does any of its pixels hit?"""
+    return [any(hits[c : c + cell]) for c in range(0, len(hits), cell)]
+
+
+def _best_resolution(width: int, height: int, pinpoints) -> tuple[int, int]:
+    """LLaVA-NeXT's choice of grid resolution (height, width): the most effective pixels, then the least waste."""
+    best, best_effective, best_waste = None, -1, math.inf
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        if effective > best_effective or (effective == best_effective and w * h - effective < best_waste):
+            best, best_effective, best_waste = (h, w), effective, w * h - effective
+    return best
+
+
+def _fitted(width: int, height: int, th: int, tw: int) -> tuple[int, int, int, int]:
+    """The image resized to fit a ``tw`` x ``th`` canvas keeping its aspect (the bound side exact, the other
+    rounded up), centred: (new width, new height, left pad, top pad)."""
+    if tw / width < th / height:
+        nw, nh = tw, min(math.ceil(height * tw / width), th)
+    else:
+        nw, nh = min(math.ceil(width * th / height), tw), th
+    return nw, nh, (tw - nw) // 2, (th - nh) // 2
+
+
+def _unpadded(rows: int, cols: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """The feature rows/columns kept after removing the padding: (r0, r1, c0, c1)."""
+    if cols / rows < width / height:
+        pad = (rows - int(round(height * cols / width, 7))) // 2
+        return pad, rows - pad, 0, cols
+    pad = (cols - int(round(width * rows / height, 7))) // 2
+    return 0, rows, pad, cols - pad
+
+
+def llava_paper(size, box) -> list[str]:
+    """LLaVA-1.5 with the paper's inputs: padded to a centred square of the long edge, resized to the tile."""
+    width, height = size
+    side, cell, long = tiny.IMAGE, tiny.PATCH, max(size)
+    ox, oy = (long - width) // 2, (long - height) // 2
+    grid = side // cell
+    return _overlap_labels(box, lambda x, y: ((x + ox) * side / long, (y + oy) * side / long), grid, grid, cell)
+
+
+def llava_next(size, box) -> list[str]:
+    """LLaVA-NeXT anyres: the squashed base tile, then the best grid's features, unpadded, a newline per row."""
+    width, height = size
+    grid, cell = tiny.IMAGE // tiny.PATCH, tiny.PATCH
+    labels = _overlap_labels(box, lambda x, y: (x * tiny.IMAGE / width, y * tiny.IMAGE / height), grid, grid, cell)
+    th, tw = _best_resolution(width, height, tiny.GRID_PINPOINTS)
+    nw, nh, px, py = _fitted(width, height, th, tw)
+    rows, cols = th // cell, tw // cell
+    full = _overlap_labels(box, lambda x, y: (x * nw / width + px, y * nh / height + py), rows, cols, cell)
+    r0, r1, c0, c1 = _unpadded(rows, cols, width, height)
+    for r in range(r0, r1):
+        labels += full[r * cols + c0 : r * cols + c1] + ["N"]
+    return labels
+
+
+def onevision_paper(size, box) -> list[str]:
+    """LLaVA-OneVision anyres_max_9: the base tile (nearest-neighbour squeeze), then the best grid's features,
+    unpadded, bilinearly downsampled where they exceed 9 tiles by more than 1.1 (a token is related if a related
+    feature contributes to it), a newline per row."""
+    (width, height), (x, y, w, h) = size, box
+    tile, cell = onevision.TILE, onevision.PATCH
+    rows, cols = _cells(_hits(tile, height, y, y + h), cell), _cells(_hits(tile, width, x, x + w), cell)
+    labels = ["R" if r and c else "O" for r in rows for c in cols]
+    th, tw = _best_resolution(width, height, onevision.PINPOINTS)
+    nw, nh, px, py = _fitted(width, height, th, tw)
+    rows = _cells(_hits(nh, height, y, y + h, py, th), cell)
+    cols = _cells(_hits(nw, width, x, x + w, px, tw), cell)
+    r0, r1, c0, c1 = _unpadded(len(rows), len(cols), width, height)
+    features = torch.tensor([[float(rows[r] and cols[c]) for c in range(c0, c1)] for r in range(r0, r1)])
+    per_tile = (tile // cell) ** 2
+    if features.numel() > 9 * per_tile * 1.1:
+        ratio = math.sqrt(features.numel() / (9 * per_tile))
+        shape = [int(features.shape[0] / ratio), int(features.shape[1] / ratio)]
+        features = torch.nn.functional.interpolate(features[None, None], shape, mode="bilinear")[0, 0]
+    for row in features.tolist():
+        labels += ["R" if value > 0 else "O" for value in row] + ["N"]
+    return labels
+
+
+def smart_resize(height: int, width: int, factor: int = 28) -> tuple[int, int]:
+    """Qwen's resize rule, from its description: whole ``factor``-px cells, pixels within the replica's bounds."""
+    low, high = qwen.MIN_PIXELS, qwen.MAX_PIXELS
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > high:
+        beta = math.sqrt(height * width / high)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < low:
+        beta = math.sqrt(low / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def qwen_vl(size, box) -> list[str]:
+    """Qwen2-VL / Qwen2.5-VL: ``smart_resize``, one token per 28 px cell (14 px patches merged 2 x 2), row-major;
+    a cell is related if one of its pixels samples the box (nearest neighbour)."""
+    (width, height), (x, y, w, h) = size, box
+    rh, rw = smart_resize(height, width)
+    factor = qwen.PATCH * qwen.MERGE
+    rows, cols = _cells(_hits(rh, height, y, y + h), factor), _cells(_hits(rw, width, x, x + w), factor)
+    return ["R" if r and c else "O" for r in rows for c in cols]

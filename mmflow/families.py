@@ -45,6 +45,16 @@ class Family:
     pixel_layout: str = "tiles"
     #: the processor class, built image-only (no video processor) where torchvision is missing; None: AutoProcessor
     image_only_processor: str | None = None
+    #: the side (in ViT patches) of the square of patches the projector averages into one image token (Gemma 3's
+    #: ``AvgPool2d``), as an attribute path from the top-level model; None: one token per patch
+    token_pool: str | None = None
+    #: why the fast engine cannot be exact for this family (it then refuses, naming ``engine="naive"``); None: exact
+    fast_refusal: str | None = None
+    #: the family's prompt writes the tokenizer's BOS token itself (Gemma 3), so the processor must not add a second
+    #: one (as transformers' own ``apply_chat_template`` does when it tokenizes)
+    template_bos: bool = False
+    #: image-processor options mmflow has no patch geometry for: each must be unset (null/false) in the checkpoint
+    unsupported_image_options: tuple[str, ...] = ()
 
 
 _QWEN_VL = dict(
@@ -85,6 +95,21 @@ FAMILIES = (
         image_only_processor="Qwen2_5_VLProcessor",
         **_QWEN_VL,
     ),
+    Family(
+        "gemma3",
+        "Gemma3Config",
+        "Gemma3ForConditionalGeneration",
+        image_markers=("<start_of_image>", "<end_of_image>"),
+        paper_template="gemma3",
+        template_bos=True,
+        token_pool="model.multi_modal_projector.kernel_size",
+        fast_refusal=(
+            "each image attends to itself bidirectionally, so positions before the first target read positions "
+            "after it, and the clean prefix the fast engine reuses would change; sliding-window layers use their own "
+            "mask and rotary table"
+        ),
+        unsupported_image_options=("do_pan_and_scan",),
+    ),
 )
 
 
@@ -105,8 +130,22 @@ def family_of(config: Any) -> Family:
         f"(architectures={getattr(config, 'architectures', None)}). "
         f"mmflow supports {', '.join(f.model_class for f in FAMILIES)} checkpoints in the Hugging Face format, "
         "e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-0.5b-ov-hf, "
-        "Qwen/Qwen2-VL-2B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct."
+        "Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct or google/gemma-3-4b-it."
     )
+
+
+def check_fast_engine(model_or_config: Any) -> None:
+    """Refuse the fast engine for a family it cannot be exact for (:attr:`Family.fast_refusal`).
+
+    Raises:
+        MmflowError: naming the reason and ``engine="naive"``, which is exact for every family.
+    """
+    family = family_of(model_or_config)
+    if family.fast_refusal is not None:
+        raise MmflowError(
+            f"The fast engine is not exact for {family.name} models ({family.fast_refusal}): "
+            'use engine="naive" (the paper\'s method, one full forward per window)'
+        )
 
 
 @cache
@@ -136,7 +175,28 @@ def build_processor(path: str, config: Any, options: dict[str, Any]) -> Any:
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    name = family_of(config).image_only_processor
+    family = family_of(config)
+    name = family.image_only_processor
     if name is None or is_torchvision_available():
-        return AutoProcessor.from_pretrained(path, **options)
-    return _image_only(getattr(transformers, name)).from_pretrained(path, **options)
+        processor = AutoProcessor.from_pretrained(path, **options)
+    else:
+        processor = _image_only(getattr(transformers, name)).from_pretrained(path, **options)
+    check_image_options(processor, family, path)
+    return processor
+
+
+def check_image_options(processor: Any, family: Family, path: str) -> None:
+    """Refuse a processor that sets an image option mmflow has no patch geometry for (Gemma 3's pan-and-scan crops,
+    which add views of the image with their own tokens).
+
+    Raises:
+        MmflowError: naming the option and the checkpoint's preprocessor_config.json.
+    """
+    for option in family.unsupported_image_options:
+        value = getattr(processor.image_processor, option, None)
+        if value:
+            raise MmflowError(
+                f"Checkpoint {path}: its preprocessor_config.json sets {option}={value!r}; mmflow has no patch "
+                f"geometry for it in {family.name} models (the released checkpoints leave it null): "
+                f'set "{option}": null there'
+            )

@@ -18,6 +18,7 @@ from mmflow.paper import (
     LLAMA3_SUFFIX,
     LLAMA3_SYSTEM,
     PAPER_USER,
+    gemma3_prompt,
     llava15_prompt,
     qwen15_prompt,
     qwen_vl_prompt,
@@ -52,7 +53,8 @@ def paper_template(processor, config) -> str:
 
     Returns:
         The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
-        LLaVA-OneVision); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has Llama-3's header
+        LLaVA-OneVision, ``"gemma3"`` for Gemma 3);
+        for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has Llama-3's header
         tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
 
     Raises:
@@ -87,7 +89,10 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
             ``<|vision_start|><|image_pad|><|vision_end|>{question}\\n<instruction>`` (:func:`~mmflow.paper.
             qwen_vl_prompt`), which is exactly what ``"processor"`` gives with the released chat template;
             LLaVA-OneVision the ``qwen_1_5`` conversation of its training code (same system prompt, ``<image>\\n``
-            before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give.
+            before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give;
+            Gemma 3 its chat turn ``<bos><start_of_turn>user\\n<start_of_image>{question}\\n<instruction>
+            <end_of_turn>\\n<start_of_turn>model\\n`` (:func:`~mmflow.paper.gemma3_prompt`), exactly what
+            ``"processor"`` gives with the released chat template.
             ``"processor"``: the processor's chat template if it has one (the question, a newline and the
             instruction as the user's text after the image), else the LLaVA-1.5 form without a system prompt.
         config: the model's config (needed for ``"paper"``).
@@ -96,6 +101,8 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
         template = paper_template(processor, config)
         if template in ("qwen_vl", "qwen_1_5"):
             return (qwen_vl_prompt if template == "qwen_vl" else qwen15_prompt)(question)
+        if template == "gemma3":
+            return gemma3_prompt(question)
         if template == "vicuna_v1":
             return vicuna_prompt(question)
         messages = [
@@ -153,14 +160,16 @@ class Encoded:
         return int(self.inputs["input_ids"].shape[1])
 
 
-def _expanded_offsets(prompt: str, image_token: str, n_image: int, offsets: torch.Tensor) -> list[tuple[int, int]]:
+def _expanded_offsets(prompt: str, image_token: str, expansion: str, offsets: torch.Tensor) -> list[tuple[int, int]]:
     """Token offsets mapped from the processor's image-expanded text back to ``prompt`` coordinates.
 
-    Every image token maps to the span of the single ``image_token`` placeholder in ``prompt``.
+    The processor replaced the single ``image_token`` placeholder in ``prompt`` by ``expansion`` (LLaVA, Qwen: the
+    placeholder repeated once per image token; Gemma 3: its framed sequence); every token of the expansion maps to
+    the placeholder's span.
     """
     first = prompt.find(image_token)
-    run_end = first + len(image_token) * n_image  # end of the expanded image run
-    shift = (n_image - 1) * len(image_token)
+    run_end = first + len(expansion)  # end of the expanded image run
+    shift = len(expansion) - len(image_token)
     out = []
     for a, b in offsets.tolist():
         if first < 0 or b <= first:
@@ -199,7 +208,8 @@ def encode(
 
     Returns:
         The inputs and the groups ``image`` (all image-token positions after expansion), ``image_markers`` (the
-        text tokens framing the image, e.g. Qwen's ``<|vision_start|>``/``<|vision_end|>``; only with ``config``;
+        text tokens framing the image, e.g. Qwen's ``<|vision_start|>``/``<|vision_end|>``, Gemma 3's
+        ``<start_of_image>``/``<end_of_image>``; only with ``config``;
         empty for LLaVA, so a flow naming it is skipped by runs and refused by a sweep), ``question``, ``last``,
         ``true_option``/``false_option`` (in the question's "X or Y" slot) and ``object:<name>``; ``located`` says
         which rule found each option and object, or that it was not found (then its group is absent).
@@ -216,16 +226,21 @@ def encode(
     if not question or q_start < 0:
         raise MmflowError(f"Question {question!r} not found in the prompt {prompt!r}")
     q_span = (q_start, q_start + len(question))
+    bos = processor.tokenizer.bos_token if config is not None and family_of(config).template_bos else None
     batch = processor(
         images=model_view(image.convert("RGB"), processor, config, inputs),
         text=prompt,
         return_offsets_mapping=True,
         return_tensors="pt",
+        # a family whose template writes the BOS token itself (Gemma 3) gets no second one
+        **({"add_special_tokens": False} if bos and prompt.startswith(bos) else {}),
     )
     offsets_t = batch.pop("offset_mapping")[0]
     ids = batch["input_ids"][0]
-    image_pos = (ids == processor.image_token_id).nonzero().flatten().tolist()
-    offsets = _expanded_offsets(prompt, processor.image_token, len(image_pos), offsets_t)
+    image_ids = torch.tensor([i for i in processor.image_token_ids if i is not None], dtype=ids.dtype)
+    image_pos = torch.isin(ids, image_ids).nonzero().flatten().tolist()  # the tokens image features replace
+    expansion = getattr(processor, "full_image_sequence", None) or processor.image_token * len(image_pos)
+    offsets = _expanded_offsets(prompt, processor.image_token, expansion, offsets_t)
     groups: dict[str, list[int]] = {
         "image": image_pos,
         "question": tokens_in_span(offsets, q_span),

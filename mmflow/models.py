@@ -18,6 +18,11 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .model.get_rope_index                        M-RoPE: (3, n) position ids (t, h, w)     <- fast knockout
       .model.language_model                        Qwen2 decoder: .layers, .rotary_emb, .norm as above
       .lm_head                                     unembedding                                <- logit lens
+    Gemma3ForConditionalGeneration                 Gemma 3 (896 px squash, SigLIP 64 x 64 patches)
+      .model.multi_modal_projector                 AvgPool2d(4): 16 x 16 = 256 image tokens, one per 56 px cell
+      .model.language_model                        Gemma3TextModel: sliding-window and global layers, each type its
+                                                   own mask (image block bidirectional) and rotary table
+      .lm_head                                     tied to the (sqrt(hidden)-scaled) embeddings <- logit lens
 
 Adding a family is one :class:`~mmflow.families.Family` entry plus a test that loads a tiny checkpoint of it.
 """
@@ -312,6 +317,13 @@ def position_ids(model: LlavaModel, inputs: dict[str, torch.Tensor]) -> torch.Te
     names = ("input_ids", "image_grid_thw", "attention_mask", "mm_token_type_ids")
     ids, _ = _attr(model, path)(**{name: inputs.get(name) for name in names})
     return ids[:, 0]
+
+
+def token_pool(model: LlavaModel) -> int:
+    """The side (in ViT patches) of the square of patches averaged into one image token: the projector's pooling
+    kernel for Gemma 3 (``AvgPool2d``: 64 x 64 patches -> 16 x 16 tokens, 4), 1 for families without pooling."""
+    path = family_of(model).token_pool
+    return int(_attr(model, path)) if path else 1
 
 
 def pack_image_features(model: LlavaModel) -> Any:

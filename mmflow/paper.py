@@ -57,6 +57,9 @@ QWEN_VL_TEMPLATE = (
 QWEN15_TEMPLATE = (
     "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\n{text}<|im_end|>\n<|im_start|>assistant\n"
 )
+#: The official Gemma 3 single-image turn (chat template of google/gemma-3-4b-it): ``<bos>``, no system prompt,
+#: ``<start_of_image>`` where the image goes (the processor expands it), the text part trimmed.
+GEMMA3_TEMPLATE = "<bos><start_of_turn>user\n<start_of_image>{text}<end_of_turn>\n<start_of_turn>model\n"
 
 #: The paper's flows as (source group, target group): the target's attention to the source is blocked.
 FLOWS = {
@@ -131,6 +134,22 @@ def qwen15_prompt(question: str) -> str:
         <BLANKLINE>
     """
     return QWEN15_TEMPLATE.format(system=QWEN_VL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
+
+
+def gemma3_prompt(question: str) -> str:
+    """The official Gemma 3 prompt for ``question`` (the image first, then the question and the paper's instruction),
+    as the released chat template renders it; the processor expands ``<start_of_image>`` into
+    ``\\n\\n<start_of_image>`` + the image's soft tokens + ``<end_of_image>\\n\\n``.
+
+    Example:
+        >>> print(gemma3_prompt("Q?"))
+        <bos><start_of_turn>user
+        <start_of_image>Q?
+        Answer the question using a single word or phrase.<end_of_turn>
+        <start_of_turn>model
+        <BLANKLINE>
+    """
+    return GEMMA3_TEMPLATE.format(text=f"{question}\n{INSTRUCTION}")
 
 
 def default_window(n_layers: int) -> int:

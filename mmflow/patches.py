@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mmflow.errors import MmflowError
-from mmflow.models import LlavaModel, family_of, pack_image_features
+from mmflow.models import LlavaModel, family_of, pack_image_features, token_pool
 
 #: Labels of image tokens: the patch overlaps a box, does not, or is no patch (CLS, row-newline token).
 RELATED, OTHER, NEITHER = 1.0, 0.0, -1.0
@@ -111,7 +111,9 @@ def image_token_labels(
     if tiles.dim() == 3:
         tiles = tiles[None]
     per_tile = torch.stack([_patch_labels(tile, patch) for tile in tiles])  # (n_tiles, patches)
-    strategy = cfg.vision_feature_select_strategy
+    if token_pool(model) > 1:  # Gemma 3: a token averages k x k patches: related if any of them is
+        return _pooled_labels(per_tile[0], token_pool(model))
+    strategy = getattr(cfg, "vision_feature_select_strategy", None)
     cls_kept = strategy == "full" and any(hasattr(m, "class_embedding") for m in model.modules())  # CLIP, not SigLIP
     pack = pack_image_features(model)
     if "image_sizes" in pixels and pack is not None:  # anyres: pack the labels exactly like image features
@@ -126,6 +128,14 @@ def image_token_labels(
         return torch.where(labels == NEITHER, NEITHER, torch.where(labels > OTHER, RELATED, OTHER))
     labels = per_tile[0]
     return torch.cat([torch.tensor([NEITHER]), labels]) if cls_kept else labels
+
+
+def _pooled_labels(labels: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Labels of the tokens of a square patch grid average-pooled ``kernel`` x ``kernel`` (row-major, as the
+    projector's ``AvgPool2d`` and flatten order them): RELATED if any of its patches is."""
+    side = math.isqrt(len(labels))
+    grid = labels.view(side // kernel, kernel, side // kernel, kernel)
+    return torch.where((grid == RELATED).any(3).any(1).flatten(), RELATED, OTHER)
 
 
 def _merged_labels(rows: torch.Tensor, image_processor) -> torch.Tensor:
@@ -194,7 +204,7 @@ def base_patch_grid(
         _, grid_h, grid_w = (int(x) for x in processed["image_grid_thw"][0])
         grid = labels.view(grid_h // merge, grid_w // merge).numpy()
         return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size // token_pool(model)
     grid = labels[labels != NEITHER][: side * side].view(side, side).numpy()
     pixels = processed["pixel_values"][0]
     base = pixels if pixels.dim() == 3 else pixels[0]

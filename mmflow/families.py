@@ -53,8 +53,9 @@ class Family:
     #: the family's prompt writes the tokenizer's BOS token itself (Gemma 3), so the processor must not add a second
     #: one (as transformers' own ``apply_chat_template`` does when it tokenizes)
     template_bos: bool = False
-    #: image-processor options mmflow has no patch geometry for: each must be unset (null/false) in the checkpoint
-    unsupported_image_options: tuple[str, ...] = ()
+    #: the processor call decides how many views of an image the model sees (Gemma 3's pan-and-scan: the original,
+    #: then crops, each framed by the image markers), with the options :func:`view_options` reads from the checkpoint
+    processor_views: bool = False
 
 
 _QWEN_VL = dict(
@@ -108,7 +109,7 @@ FAMILIES = (
             "after it, and the clean prefix the fast engine reuses would change; sliding-window layers use their own "
             "mask and rotary table"
         ),
-        unsupported_image_options=("do_pan_and_scan",),
+        processor_views=True,
     ),
 )
 
@@ -148,6 +149,22 @@ def check_fast_engine(model_or_config: Any) -> None:
         )
 
 
+def view_options(processor: Any, model_or_config: Any) -> dict[str, Any]:
+    """The checkpoint's own settings of the image options a family's processor call decides views with (Gemma 3's
+    pan-and-scan, from preprocessor_config.json), to pass to every processor call: without them transformers 5.23's
+    ``Gemma3Processor`` replaces them by its class defaults (``do_pan_and_scan=False`` even where the checkpoint
+    says true). Empty for other families and for options the checkpoint leaves null (the released Gemma 3 configs).
+    """
+    if not family_of(model_or_config).processor_views:
+        return {}
+    options = getattr(type(processor), "images_kwargs", {})
+    return {
+        k: getattr(processor.image_processor, k)
+        for k in options
+        if getattr(processor.image_processor, k, None) is not None
+    }
+
+
 @cache
 def _image_only(processor_class: type) -> type:
     """``processor_class`` without its video processor: the same class (name, constructor, call, chat template)
@@ -175,28 +192,7 @@ def build_processor(path: str, config: Any, options: dict[str, Any]) -> Any:
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    family = family_of(config)
-    name = family.image_only_processor
+    name = family_of(config).image_only_processor
     if name is None or is_torchvision_available():
-        processor = AutoProcessor.from_pretrained(path, **options)
-    else:
-        processor = _image_only(getattr(transformers, name)).from_pretrained(path, **options)
-    check_image_options(processor, family, path)
-    return processor
-
-
-def check_image_options(processor: Any, family: Family, path: str) -> None:
-    """Refuse a processor that sets an image option mmflow has no patch geometry for (Gemma 3's pan-and-scan crops,
-    which add views of the image with their own tokens).
-
-    Raises:
-        MmflowError: naming the option and the checkpoint's preprocessor_config.json.
-    """
-    for option in family.unsupported_image_options:
-        value = getattr(processor.image_processor, option, None)
-        if value:
-            raise MmflowError(
-                f"Checkpoint {path}: its preprocessor_config.json sets {option}={value!r}; mmflow has no patch "
-                f"geometry for it in {family.name} models (the released checkpoints leave it null): "
-                f'set "{option}": null there'
-            )
+        return AutoProcessor.from_pretrained(path, **options)
+    return _image_only(getattr(transformers, name)).from_pretrained(path, **options)

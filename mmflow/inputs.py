@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmflow.data import Example
 from mmflow.errors import MmflowError
-from mmflow.models import EMBEDDED_MODEL, LlavaModel, family_of
+from mmflow.models import EMBEDDED_MODEL, LlavaModel, family_of, view_options
 from mmflow.paper import (
     INPUTS,
     INSTRUCTION,
@@ -181,6 +181,16 @@ def _expanded_offsets(prompt: str, image_token: str, expansion: str, offsets: to
     return out
 
 
+def _image_expansion(processor, n_image: int) -> str:
+    """What the processor wrote in place of the image placeholder: the placeholder once per image token (LLaVA,
+    Qwen), or a processor's own framed sequence (Gemma 3: ``\\n\\n<start_of_image>`` + soft tokens +
+    ``<end_of_image>\\n\\n``, and with pan-and-scan crops its "Here is the original image ..." text) for the views
+    its ``n_image`` tokens fill."""
+    if getattr(processor, "full_image_sequence", None) is None:
+        return processor.image_token * n_image
+    return processor.replace_image_token({"num_crops": [n_image // processor.image_seq_length - 1]}, 0)
+
+
 def encode(
     processor,
     image: Image.Image,
@@ -234,13 +244,13 @@ def encode(
         return_tensors="pt",
         # a family whose template writes the BOS token itself (Gemma 3) gets no second one
         **({"add_special_tokens": False} if bos and prompt.startswith(bos) else {}),
+        **(view_options(processor, config) if config is not None else {}),  # Gemma 3: the checkpoint's pan-and-scan
     )
     offsets_t = batch.pop("offset_mapping")[0]
     ids = batch["input_ids"][0]
     image_ids = torch.tensor([i for i in processor.image_token_ids if i is not None], dtype=ids.dtype)
     image_pos = torch.isin(ids, image_ids).nonzero().flatten().tolist()  # the tokens image features replace
-    expansion = getattr(processor, "full_image_sequence", None) or processor.image_token * len(image_pos)
-    offsets = _expanded_offsets(prompt, processor.image_token, expansion, offsets_t)
+    offsets = _expanded_offsets(prompt, processor.image_token, _image_expansion(processor, len(image_pos)), offsets_t)
     groups: dict[str, list[int]] = {
         "image": image_pos,
         "question": tokens_in_span(offsets, q_span),

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmflow.errors import MmflowError
-from mmflow.families import FAMILIES, Family, build_processor, family_of  # noqa: F401 (re-exported)
+from mmflow.families import FAMILIES, Family, build_processor, family_of, view_options  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration

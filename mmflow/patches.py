@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mmflow.errors import MmflowError
-from mmflow.models import LlavaModel, family_of, pack_image_features, token_pool
+from mmflow.models import LlavaModel, family_of, pack_image_features, token_pool, view_options
 
 #: Labels of image tokens: the patch overlaps a box, does not, or is no patch (CLS, row-newline token).
 RELATED, OTHER, NEITHER = 1.0, 0.0, -1.0
@@ -100,19 +100,19 @@ def image_token_labels(
     from transformers.image_utils import PILImageResampling
 
     mask = model_view(box_mask(size, boxes), processor, model, inputs)  # padding is mean colour: "other"
-    pixels = processor.image_processor(
-        mask, resample=PILImageResampling.NEAREST, do_rescale=False, do_normalize=False, return_tensors="pt"
+    pixels = _processed(
+        processor, model, mask, resample=PILImageResampling.NEAREST, do_rescale=False, do_normalize=False
     )
     cfg = model.config
     patch = cfg.vision_config.patch_size
     if family_of(model).pixel_layout == "merged_patches":
         return _merged_labels(pixels["pixel_values"], processor.image_processor)
-    tiles = pixels["pixel_values"][0]
+    tiles = pixels["pixel_values"] if family_of(model).processor_views else pixels["pixel_values"][0]  # (views, ...)
     if tiles.dim() == 3:
         tiles = tiles[None]
     per_tile = torch.stack([_patch_labels(tile, patch) for tile in tiles])  # (n_tiles, patches)
-    if token_pool(model) > 1:  # Gemma 3: a token averages k x k patches: related if any of them is
-        return _pooled_labels(per_tile[0], token_pool(model))
+    if token_pool(model) > 1:  # Gemma 3: a token averages k x k patches (related if any is); each view in order
+        return torch.cat([_pooled_labels(labels, token_pool(model)) for labels in per_tile])
     strategy = getattr(cfg, "vision_feature_select_strategy", None)
     cls_kept = strategy == "full" and any(hasattr(m, "class_embedding") for m in model.modules())  # CLIP, not SigLIP
     pack = pack_image_features(model)
@@ -128,6 +128,16 @@ def image_token_labels(
         return torch.where(labels == NEITHER, NEITHER, torch.where(labels > OTHER, RELATED, OTHER))
     labels = per_tile[0]
     return torch.cat([torch.tensor([NEITHER]), labels]) if cls_kept else labels
+
+
+def _processed(processor, model: LlavaModel, image: Image.Image, **options) -> dict:
+    """The image processor's tensors for ``image`` (``options`` for it: resampling, no rescaling). Where the processor
+    call decides an image's views (Gemma 3's pan-and-scan crops), through that call with the checkpoint's
+    :func:`~mmflow.families.view_options`, as :func:`~mmflow.inputs.encode` makes it: the views the model sees."""
+    if family_of(model).processor_views:
+        views = view_options(processor, model)
+        return processor(images=image, text=processor.image_token, return_tensors="pt", **views, **options)
+    return processor.image_processor(image, return_tensors="pt", **options)
 
 
 def _pooled_labels(labels: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -165,7 +175,9 @@ def patch_groups(
     boxes: Sequence[Sequence[float]],
     inputs: str = "processor",
 ) -> dict[str, list[int]]:
-    """``related_patches`` / ``other_patches``: image-token positions whose patch overlaps any box, or none.
+    """``related_patches`` / ``other_patches``: image-token positions whose patch overlaps any box, or none. Where
+    the model sees the image in several views (Gemma 3 with pan-and-scan) these are the union, and each view is also
+    its own pair of groups: ``related_patches@original``, ``other_patches@original``, ``related_patches@crop1``, ...
 
     Args:
         image_positions: positions of the image tokens in the language model's sequence.
@@ -181,9 +193,22 @@ def patch_groups(
         raise MmflowError(
             f"{len(labels)} patch labels for {len(image_positions)} image tokens: processor and model disagree"
         )
+    groups = _split(image_positions, labels, "")
+    per_view = (
+        model.config.vision_config.image_size // model.config.vision_config.patch_size // token_pool(model)
+    ) ** 2
+    if family_of(model).processor_views and len(labels) > per_view:  # also one pair of groups per view
+        for v in range(len(labels) // per_view):
+            part = slice(v * per_view, (v + 1) * per_view)
+            groups.update(_split(image_positions[part], labels[part], "@original" if v == 0 else f"@crop{v}"))
+    return groups
+
+
+def _split(positions: Sequence[int], labels: torch.Tensor, suffix: str) -> dict[str, list[int]]:
+    """``related_patches<suffix>`` / ``other_patches<suffix>``: the positions labelled RELATED / OTHER."""
     return {
-        "related_patches": [p for p, lab in zip(image_positions, labels.tolist()) if lab == RELATED],
-        "other_patches": [p for p, lab in zip(image_positions, labels.tolist()) if lab == OTHER],
+        f"related_patches{suffix}": [p for p, lab in zip(positions, labels.tolist()) if lab == RELATED],
+        f"other_patches{suffix}": [p for p, lab in zip(positions, labels.tolist()) if lab == OTHER],
     }
 
 
@@ -195,8 +220,8 @@ def base_patch_grid(
 
     labels = image_token_labels(model, processor, image.size, boxes, inputs)
     image = model_view(image, processor, model, inputs)
-    processed = processor.image_processor(
-        image, do_rescale=False, do_normalize=False, resample=PILImageResampling.BICUBIC, return_tensors="pt"
+    processed = _processed(
+        processor, model, image, do_rescale=False, do_normalize=False, resample=PILImageResampling.BICUBIC
     )
     if family_of(model).pixel_layout == "merged_patches":  # one image, one token per 28 px cell
         base = _unpatchify(processed["pixel_values"], processed["image_grid_thw"][0], processor.image_processor)

@@ -25,6 +25,13 @@ FLOWS = list(mu.FLOWS) + [
     "true_option->last",
 ]
 SIZE, BOX = (150, 100), (90, 8, 40, 30)  # a box in the upper right of the image
+#: pan-and-scan options of the pan-and-scan replica (crops from 32 px, so the small test images get some)
+PAS = {
+    "do_pan_and_scan": True,
+    "pan_and_scan_min_crop_size": 32,
+    "pan_and_scan_max_num_crops": 4,
+    "pan_and_scan_min_ratio_to_activate": 1.2,
+}
 CELL = IMAGE // math.isqrt(TOKENS)  # pixels of the squashed image per image token (56 in the released models)
 
 
@@ -121,24 +128,88 @@ def test_patch_labels_against_squash_and_pooling_arithmetic(gemma, size, box):
     assert image[:, :, 0].max() > 200  # the red box survived the squash
 
 
-def test_pan_and_scan_is_refused_clearly(tmp_path):
-    folder = build_tiny_gemma3(tmp_path / "pas", layers=1, pan_and_scan=True)
-    with pytest.raises(
-        mu.MmflowError, match=r"do_pan_and_scan=True.*preprocessor_config.json|preprocessor_config.*do_pan"
-    ):
-        mu.load_model(str(folder))
-    content = json.loads((folder / "preprocessor_config.json").read_text())
-    assert content["do_pan_and_scan"] is True  # the refusal names what the checkpoint really says
+def crop_boxes(width, height, min_crop=PAS["pan_and_scan_min_crop_size"], most=PAS["pan_and_scan_max_num_crops"]):
+    """Pan-and-scan crops (x0, y0, x1, y1), written out here from its description: when the long side is at least
+    1.2 times the short one, about one crop per aspect-ratio unit along the long side (2 to ``most``, each at least
+    ``min_crop`` px), cut from the original image."""
+    long, short = max(width, height), min(width, height)
+    if long / short < PAS["pan_and_scan_min_ratio_to_activate"]:
+        return []
+    n = max(2, min(most, math.floor(long / short + 0.5), math.floor(long / min_crop)))
+    side = math.ceil(long / n)
+    if min(side, short) < min_crop:
+        return []
+    if width >= height:
+        return [(i * side, 0, min(width, (i + 1) * side), height) for i in range(n)]
+    return [(0, i * side, width, min(height, (i + 1) * side)) for i in range(n)]
 
 
-def layer_masks(model, enc, sources=(), targets=(), bidirectional=True):
+@pytest.fixture(scope="module")
+def pan_and_scan(tmp_path_factory):
+    return mu.load_model(str(build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "pas", pan_and_scan=PAS)))
+
+
+@pytest.mark.parametrize("size,box", [(SIZE, BOX), ((100, 260), (10, 100, 30, 30)), ((112, 112), (0, 0, 28, 28))])
+def test_pan_and_scan_views_union_and_per_view_groups(pan_and_scan, size, box):
+    """With pan-and-scan on, the model sees the original and its crops, each framed and bidirectional on its own:
+    the image and patch groups are the union over views, and each view is its own pair of patch groups."""
+    model, processor = pan_and_scan
+    crops = crop_boxes(*size)
+    expected = [expected_labels(size, box)]
+    for x0, y0, x1, y1 in crops:
+        expected.append(expected_labels((x1 - x0, y1 - y0), (box[0] - x0, box[1] - y0, box[2], box[3])))
+    labels = mu.image_token_labels(model, processor, size, [box]).tolist()
+    assert labels == [label for view in expected for label in view]
+    enc = encoded_example(model, processor, size=size, box=box)
+    ids, groups = enc.inputs["input_ids"][0].tolist(), enc.groups
+    assert len(groups["image"]) == TOKENS * (1 + len(crops)) and len(groups["image_markers"]) == 2 * (1 + len(crops))
+    assert enc.inputs["token_type_ids"][0].nonzero().flatten().tolist() == groups["image"]
+    assert processor.tokenizer.decode([ids[p] for p in groups["question"]]) == QUESTION
+    names = ["original"] + [f"crop{k}" for k in range(1, len(crops) + 1)]
+    for v, (name, view) in enumerate(zip(names, expected)):
+        positions = groups["image"][v * TOKENS : (v + 1) * TOKENS]
+        related = [p for p, label in zip(positions, view) if label == mu.RELATED]
+        if crops:
+            assert groups[f"related_patches@{name}"] == related
+            assert sorted(groups[f"related_patches@{name}"] + groups[f"other_patches@{name}"]) == positions
+        assert set(related) <= set(groups["related_patches"])
+    assert crops or not [g for g in groups if "@" in g]  # one view: no per-view groups
+    assert sorted(groups["related_patches"] + groups["other_patches"]) == groups["image"]
+    image, grid = base_patch_grid(model, processor, picture(size, box), [box])
+    assert image.shape == (IMAGE, IMAGE, 3) and grid.flatten().tolist() == expected[0]  # the original view
+
+
+def test_pan_and_scan_naive_equals_the_per_view_oracle(pan_and_scan):
+    model, processor = pan_and_scan
+    enc = encoded_example(model, processor)
+    assert "related_patches@crop2" in enc.groups and not enc.groups["related_patches@crop1"]
+    plain = processor(images=picture(), text=processor.image_token, return_tensors="pt")
+    assert len(plain["pixel_values"]) == 1  # the processor call alone drops the checkpoint's pan-and-scan (5.23)
+    flows = ["Image->Question", "Related patches->Question", "related_patches@crop2->last", "other_patches->image"]
+    naive = mu.knockout_sweep(model, enc, flows[:3], window=3, layers=[1, 4], engine="naive")
+    answer = int(naive.answer_token.iloc[0])
+    for row in naive.itertuples():
+        sources, targets = mu.flow_positions(row.flow, enc.groups)
+        expected = oracle_p(model, enc, answer, sources, targets, range(row.window_start, row.window_end + 1))
+        assert abs(row.p_new - expected) <= 1e-5, (row.flow, row.layer)
+    with torch.inference_mode():
+        probs = model(**enc.inputs).logits[0, -1].double().softmax(-1)
+    assert abs(oracle_p(model, enc, answer, [], [], []) - probs[answer].item()) < 1e-6  # blocks per view
+    assert abs(oracle_p(model, enc, answer, [], [], [], views_apart=False) - probs[answer].item()) > 1e-5
+
+
+def layer_masks(model, enc, sources=(), targets=(), bidirectional=True, views_apart=True):
     """Each layer's boolean mask (True = may attend), built here from the config: causal, OR the image block
-    (every image token sees every token of its image), AND, in sliding layers, the window; minus the cut edges."""
+    (every image token sees every token of its view: a run of consecutive image tokens), AND, in sliding layers,
+    the window; minus the cut edges. ``views_apart=False``: one block over all image tokens (wrong with crops)."""
     n = enc.length
     q, kv = torch.arange(n)[:, None], torch.arange(n)[None, :]
     image = torch.zeros(n, dtype=torch.bool)
     image[enc.groups["image"]] = True
-    full = (kv <= q) | (image[:, None] & image[None, :] if bidirectional else False)
+    starts = image & ~torch.cat([torch.tensor([False]), image[:-1]])
+    view = torch.cumsum(starts.int(), 0) if views_apart else torch.ones(n, dtype=torch.int)
+    block = image[:, None] & image[None, :] & (view[:, None] == view[None, :])
+    full = (kv <= q) | (block if bidirectional else False)
     sliding = full & (q - kv < model.config.get_text_config().sliding_window)
     cut = torch.zeros(n, n, dtype=torch.bool)
     if len(targets):
@@ -147,10 +218,11 @@ def layer_masks(model, enc, sources=(), targets=(), bidirectional=True):
     return [(sliding if kind == "sliding_attention" else full) & ~cut for kind in types]
 
 
-def oracle_p(model, enc, answer, sources, targets, layers, bidirectional=True):
+def oracle_p(model, enc, answer, sources, targets, layers, bidirectional=True, views_apart=True):
     """Probability of ``answer`` when every decoder layer gets the additive mask :func:`layer_masks` builds (cut
     edges only in ``layers``), set by forward pre-hooks; no mmflow attention function involved."""
-    clean, cut = layer_masks(model, enc, bidirectional=bidirectional), layer_masks(model, enc, sources, targets)
+    clean = layer_masks(model, enc, bidirectional=bidirectional, views_apart=views_apart)
+    cut = layer_masks(model, enc, sources, targets, bidirectional, views_apart)
     handles = []
     for j, layer in enumerate(models.decoder_layers(model)):
         allowed = cut[j] if j in layers else clean[j]
@@ -268,13 +340,15 @@ def test_logit_lens_top_is_the_output(tmp_path, softcap):
         assert abs(view[mu.RAW].loc[layer, "other"] - view[mu.PAPER_VIEW].loc[layer, "other"]) < 1e-7
 
 
-def test_check_data_on_the_replica(gemma_dir, tmp_path):
+@pytest.mark.parametrize("views", ["one", "pan_and_scan"])
+def test_check_data_on_the_replica(gemma_dir, pan_and_scan, tmp_path, views):
     from gqa_fixture import build_gqa
 
     from mmflow.check_data import check_rows
 
     csvs, images, total = build_gqa(tmp_path)
-    rows = check_rows(str(gemma_dir), str(csvs), str(images))
+    folder = gemma_dir if views == "one" else pan_and_scan[0].name_or_path
+    rows = check_rows(str(folder), str(csvs), str(images))
     assert len(rows) == total and rows.usable.all() and (rows.related > 0).all() and (rows.other > 0).any()
 
 

@@ -86,12 +86,12 @@ def gemma3_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny_gemma3(
-    folder: Path, layers: int = 6, seed: int = 0, pan_and_scan: bool | None = None, softcap: float | None = None
+    folder: Path, layers: int = 6, seed: int = 0, pan_and_scan: dict | None = None, softcap: float | None = None
 ) -> Path:
     """Save a tiny random Gemma 3 model with its processor files to ``folder``; return the folder.
 
-    ``pan_and_scan`` is written as the checkpoint's ``do_pan_and_scan`` (the released configs say null);
-    ``softcap`` as its ``final_logit_softcapping``.
+    ``pan_and_scan``: the checkpoint's pan-and-scan options (``do_pan_and_scan`` and the crop options; the released
+    configs leave them null, i.e. off); ``softcap``: its ``final_logit_softcapping``.
     """
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -142,7 +142,7 @@ def build_tiny_gemma3(
         size={"height": IMAGE, "width": IMAGE},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
-        do_pan_and_scan=pan_and_scan,
+        **(pan_and_scan or {}),
     ).save_pretrained(folder)
     path = folder / "preprocessor_config.json"
     content = json.loads(path.read_text())

@@ -194,13 +194,20 @@ def patch_groups(
             f"{len(labels)} patch labels for {len(image_positions)} image tokens: processor and model disagree"
         )
     groups = _split(image_positions, labels, "")
-    per_view = (
-        model.config.vision_config.image_size // model.config.vision_config.patch_size // token_pool(model)
-    ) ** 2
-    if family_of(model).processor_views and len(labels) > per_view:  # also one pair of groups per view
-        for v in range(len(labels) // per_view):
-            part = slice(v * per_view, (v + 1) * per_view)
-            groups.update(_split(image_positions[part], labels[part], "@original" if v == 0 else f"@crop{v}"))
+    if family_of(model).processor_views:  # Gemma 3 with pan-and-scan crops: also one pair of groups per view
+        groups.update(_view_groups(model, image_positions, labels))
+    return groups
+
+
+def _view_groups(model: LlavaModel, positions: Sequence[int], labels: torch.Tensor) -> dict[str, list[int]]:
+    """``related_patches@original`` / ``other_patches@original``, ``...@crop1``, ...: the patch groups of each view
+    (consecutive runs of one view's tokens, the original first); none when the model sees one view."""
+    vision = model.config.vision_config
+    per_view = (vision.image_size // vision.patch_size // token_pool(model)) ** 2
+    groups: dict[str, list[int]] = {}
+    for v in range(len(labels) // per_view if len(labels) > per_view else 0):
+        part = slice(v * per_view, (v + 1) * per_view)
+        groups.update(_split(positions[part], labels[part], "@original" if v == 0 else f"@crop{v}"))
     return groups
 
 

@@ -13,6 +13,8 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .lm_head                                     unembedding                                <- logit lens
     LlavaNextForConditionalGeneration              LLaVA-NeXT / 1.6: same hierarchy, plus anyres tiling
       .model.pack_image_features                   unpads the tiles' features and adds newline tokens
+    LlavaOnevisionForConditionalGeneration         LLaVA-OneVision: SigLIP (no CLS), Qwen2 LM, anyres_max_9 (base tile
+      .model.pack_image_features                   first; large grids downsampled bilinearly), same hierarchy
     Qwen2VLForConditionalGeneration                Qwen2-VL (Qwen2_5_VLForConditionalGeneration: Qwen2.5-VL, same map)
       .model.visual                                ViT on 14 px patches, 2x2 merge: one image token per 28 px cell
       .model.get_rope_index                        M-RoPE: (3, n) position ids (t, h, w)     <- fast knockout

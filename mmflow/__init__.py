@@ -1,11 +1,11 @@
-"""mmflow: attention knockout and logit lens for LLaVA-style (1.5, NeXT, OneVision) and Qwen2/2.5-VL models.
+"""mmflow: attention knockout and logit lens for LLaVA-style (1.5, NeXT, OneVision), Qwen2/2.5-VL and Gemma 3 models.
 
 Modules, from the leaves up (each imports only from modules above it):
 
 =========  ===========================================================================================
 paper      the paper's vocabulary: tasks, flows, prompt template, window rule (no torch)
 errors     :class:`MmflowError`
-families   the model-family table (LLaVA-1.5 / NeXT / OneVision, Qwen2-VL / 2.5-VL), processor building
+families   the model-family table (LLaVA-1.5 / NeXT / OneVision, Qwen2-VL / 2.5-VL, Gemma 3), processor building
 models     loading, where layers / rotary (and M-RoPE positions) / final norm / feature packing live
 patches    box masks through the processor's geometry: related / other image patches
 data       :class:`Example`, the shapes world and the paper's GQA CSVs

@@ -24,7 +24,7 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .model.multi_modal_projector                 AvgPool2d(4): 16 x 16 = 256 image tokens, one per 56 px cell
       .model.language_model                        Gemma3TextModel: sliding-window and global layers, each type its
                                                    own mask (image block bidirectional) and rotary table
-      .lm_head                                     tied to the (sqrt(hidden)-scaled) embeddings <- logit lens
+      .lm_head                                     tied to the embedding matrix (inputs x sqrt(hidden)) <- logit lens
 
 Adding a family is one :class:`~mmflow.families.Family` entry plus a test that loads a tiny checkpoint of it.
 """

@@ -24,6 +24,7 @@ import torch
 
 from mmflow.budget import token_budget_for
 from mmflow.errors import MmflowError
+from mmflow.families import check_fast_engine
 from mmflow.inputs import Encoded
 from mmflow.models import (
     LlavaModel,
@@ -308,6 +309,7 @@ def fast_sweep(
     enters the pass at the window's first layer. Copies are packed into passes of at most ``token_budget``
     suffix tokens (see :func:`token_budget_for`) in the order of their first layer; a window without
     layers leaves ``p_base``. Needs :func:`~mmflow.engines.knockout_attention` around it, like every engine."""
+    check_fast_engine(model)  # Gemma 3: refused, naming engine="naive"
     n_layers, keep_from = num_layers(model), clean.keep_from
     device = clean.hidden.device if clean.hidden is not None else model.device
     sliding = getattr(model.config.get_text_config(), "sliding_window", None)

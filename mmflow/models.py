@@ -63,7 +63,14 @@ from mmflow.checkpoints import (  # noqa: F401 (re-exported)
     locate,
 )
 from mmflow.errors import MmflowError
-from mmflow.families import FAMILIES, Family, build_processor, family_of, view_options  # noqa: F401 (re-exported)
+from mmflow.families import (  # noqa: F401 (re-exported)
+    FAMILIES,
+    Family,
+    build_processor,
+    check_fast_engine,
+    family_of,
+    view_options,
+)
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
@@ -337,12 +344,14 @@ def deepstack_layers(model: LlavaModel) -> int:
 
 def check_reusable_from(model: LlavaModel, inputs: dict[str, torch.Tensor], first: int) -> None:
     """Raise unless the clean run's hidden states from position ``first`` on are each decoder layer's input, as the
-    fast engine reuses them: DeepStack adds vision features to the first layers' outputs at the image positions
-    after transformers records them, so a suffix from ``first`` must hold no image token.
+    fast engine reuses them: never for a family whose clean prefix itself would change (Gemma 3's bidirectional
+    image: :func:`~mmflow.families.check_fast_engine`); DeepStack adds vision features to the first layers' outputs
+    at the image positions after transformers records them, so a suffix from ``first`` must hold no image token.
 
     Raises:
-        MmflowError: naming the last image position and ``engine='naive'``.
+        MmflowError: naming the family's reason, or the last image position, and ``engine="naive"``.
     """
+    check_fast_engine(model)
     image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero() if deepstack_layers(model) else []
     if len(image) and first <= int(image.max()):
         raise MmflowError(

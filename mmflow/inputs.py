@@ -182,9 +182,21 @@ def _run_end(processor, prompt: str, ids: torch.Tensor, image_pos: list[int], of
     """Where, in the processor's expanded text, the run that replaced the image placeholder of ``prompt`` ends: after
     the processor's own framed sequence where it has one (Gemma 3: ``\\n\\n<start_of_image>`` + soft tokens +
     ``<end_of_image>\\n\\n``, with pan-and-scan crops inside its "Here is the original image ..." text, so the
-    run ends in text, not in a token), else after the last token of :func:`_image_run`; 0 without image tokens."""
+    run ends in text, not in a token), else after the last token of :func:`_image_run`; 0 without image tokens.
+
+    Raises:
+        MmflowError: if the image tokens are not whole framed views (Gemma 3 without ``config``: the processor's
+            ``image_token_id`` is then the ``<start_of_image>`` marker, not the soft token).
+    """
     if getattr(processor, "full_image_sequence", None) is not None:
-        crops = len(image_pos) // processor.image_seq_length - 1
+        crops, rest = divmod(len(image_pos), processor.image_seq_length)
+        if crops < 1 or rest:
+            raise MmflowError(
+                f"{len(image_pos)} image tokens are not whole views of {processor.image_seq_length} for "
+                f"{type(processor).__name__}: pass the model's config (config=model.config), whose image_token_id "
+                "is the soft token the processor expands the image into"
+            )
+        crops -= 1
         return prompt.find(processor.image_token) + len(processor.replace_image_token({"num_crops": [crops]}, 0))
     run = _image_run(processor.tokenizer, prompt, ids, image_pos)
     return int(offsets[run[-1], 1]) if run else 0

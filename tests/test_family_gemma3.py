@@ -113,6 +113,14 @@ def test_paper_prompt_is_the_official_template_and_groups(gemma):
     assert enc.inputs["token_type_ids"][0].nonzero().flatten().tolist() == groups["image"]  # drives the image block
 
 
+def test_encode_without_config_is_refused_not_mislabelled(gemma):
+    """Without the config the processor's image_token_id is the <start_of_image> marker, not the soft token: the
+    image and question groups would be wrong, so encode refuses, naming config."""
+    model, processor = gemma
+    with pytest.raises(mu.MmflowError, match=r"1 image tokens .*config=model.config"):
+        mu.encode(processor, picture(), QUESTION)
+
+
 @pytest.mark.parametrize(
     "size,box",
     [(SIZE, BOX), ((112, 112), (0, 0, 28, 28)), ((112, 84), (29, 57, 2, 2)), ((400, 260), (10, 200, 380, 30))],

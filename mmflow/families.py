@@ -60,8 +60,16 @@ class Family:
     #: ``model_type`` (Pixtral-12B is a ``LlavaConfig`` with a ``"pixtral"`` vision tower); None: any
     vision_model_type: str | None = None
     #: the family's prompts (its chat template, its official format) start with the BOS token as text, so the
-    #: tokenizer is asked to add none (Mistral-Small-3.1's tokenizer would add a second one)
+    #: tokenizer is asked to add none (Mistral-Small-3.1's and Gemma 3's tokenizers would add a second one)
     bos_in_prompt: bool = False
+    #: the side (in ViT patches) of the square of patches the projector averages into one image token (Gemma 3's
+    #: ``AvgPool2d``), as an attribute path from the top-level model; None: one token per patch
+    token_pool: str | None = None
+    #: why the fast engine cannot be exact for this family (it then refuses, naming ``engine="naive"``); None: exact
+    fast_refusal: str | None = None
+    #: the processor call decides how many views of an image the model sees (Gemma 3's pan-and-scan: the original,
+    #: then crops, each framed by the image markers), with the options :func:`view_options` reads from the checkpoint
+    processor_views: bool = False
 
 
 _QWEN_VL = dict(
@@ -138,6 +146,21 @@ FAMILIES = (
         deepstack="vision_config.deepstack_visual_indexes",
         **{**_QWEN_VL, "paper_template": "qwen3_vl"},
     ),
+    Family(
+        "gemma3",
+        "Gemma3Config",
+        "Gemma3ForConditionalGeneration",
+        image_markers=("<start_of_image>", "<end_of_image>"),
+        paper_template="gemma3",
+        bos_in_prompt=True,
+        token_pool="model.multi_modal_projector.kernel_size",
+        fast_refusal=(
+            "each image attends to itself bidirectionally, so positions before the first target read positions "
+            "after it, and the clean prefix the fast engine reuses would change; sliding-window layers use their own "
+            "mask and rotary table"
+        ),
+        processor_views=True,
+    ),
 )
 
 
@@ -190,6 +213,36 @@ def _has_sub_structure(config: Any, family: Family) -> bool:
     if family.vision_model_type is None:
         return True
     return getattr(getattr(config, "vision_config", None), "model_type", None) == family.vision_model_type
+
+
+def check_fast_engine(model_or_config: Any) -> None:
+    """Refuse the fast engine for a family it cannot be exact for (:attr:`Family.fast_refusal`).
+
+    Raises:
+        MmflowError: naming the reason and ``engine="naive"``, which is exact for every family.
+    """
+    family = family_of(model_or_config)
+    if family.fast_refusal is not None:
+        raise MmflowError(
+            f"The fast engine is not exact for {family.name} models ({family.fast_refusal}): "
+            'use engine="naive" (the paper\'s method, one full forward per window)'
+        )
+
+
+def view_options(processor: Any, model_or_config: Any) -> dict[str, Any]:
+    """The checkpoint's own settings of the image options a family's processor call decides views with (Gemma 3's
+    pan-and-scan, from preprocessor_config.json), to pass to every processor call: without them transformers 5.23's
+    ``Gemma3Processor`` replaces them by its class defaults (``do_pan_and_scan=False`` even where the checkpoint
+    says true). Empty for other families and for options the checkpoint leaves null (the released Gemma 3 configs).
+    """
+    if not family_of(model_or_config).processor_views:
+        return {}
+    options = getattr(type(processor), "images_kwargs", {})
+    return {
+        k: getattr(processor.image_processor, k)
+        for k in options
+        if getattr(processor.image_processor, k, None) is not None
+    }
 
 
 @cache

@@ -308,6 +308,7 @@ def fast_sweep(
     enters the pass at the window's first layer. Copies are packed into passes of at most ``token_budget``
     suffix tokens (see :func:`token_budget_for`) in the order of their first layer; a window without
     layers leaves ``p_base``. Needs :func:`~mmflow.engines.knockout_attention` around it, like every engine."""
+    check_reusable_from(model, encoded.inputs, min((min(targets) for _, targets in flows), default=encoded.length))
     n_layers, keep_from = num_layers(model), clean.keep_from
     device = clean.hidden.device if clean.hidden is not None else model.device
     sliding = getattr(model.config.get_text_config(), "sliding_window", None)
@@ -322,7 +323,6 @@ def fast_sweep(
             f"This clean run keeps hidden states from position {keep_from}, after a flow's first target "
             f"{min(late)}: pass clean_run(..., keep_cache=True, keep_from={min(late)}) or lower"
         )
-    check_reusable_from(model, encoded.inputs, min((min(targets) for _, targets in flows), default=encoded.length))
     suffixes: dict[int, _Suffix] = {}  # flows with the same first target share a suffix and attention calls
     prepared, rope = [], position_ids(model, encoded.inputs)
     for sources, targets in flows:

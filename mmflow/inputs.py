@@ -12,13 +12,14 @@ from PIL import Image
 from mmflow.data import Example
 from mmflow.errors import MmflowError
 from mmflow.images import box_issues, to_rgb
-from mmflow.models import EMBEDDED_MODEL, LlavaModel, family_of
+from mmflow.models import EMBEDDED_MODEL, LlavaModel, family_of, view_options
 from mmflow.paper import (
     INPUTS,
     INSTRUCTION,
     LLAMA3_SUFFIX,
     LLAMA3_SYSTEM,
     PAPER_USER,
+    gemma3_prompt,
     internvl_prompt,
     llava15_prompt,
     mistral_prompt,
@@ -57,8 +58,9 @@ def paper_template(processor, config) -> str:
     Returns:
         The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
         LLaVA-OneVision, ``"qwen3_vl"`` for Qwen3-VL, ``"internvl2_5"`` for InternVL, ``"mistral"`` for
-        Pixtral-12B and Mistral-Small-3.1); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has
-        Llama-3's header tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
+        Pixtral-12B and Mistral-Small-3.1, ``"gemma3"`` for Gemma 3); for LLaVA-1.5 and LLaVA-NeXT
+        ``"llava_llama_3"`` if the tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for another Llama backbone
+        (Vicuna).
 
     Raises:
         MmflowError: for a LLaVA backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.
@@ -99,7 +101,10 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
             image on its own line: :func:`~mmflow.paper.internvl_prompt`), which the -hf template does not give;
             Pixtral-12B / Mistral-Small-3.1 Mistral's ``<s>[INST][IMG]{question}\\n<instruction>[/INST]``
             (:func:`~mmflow.paper.mistral_prompt`), which is what Pixtral-12B's chat template gives (Mistral-Small-3.1's
-            adds its dated default system prompt).
+            adds its dated default system prompt);
+            Gemma 3 its chat turn ``<bos><start_of_turn>user\\n<start_of_image>{question}\\n<instruction>
+            <end_of_turn>\\n<start_of_turn>model\\n`` (:func:`~mmflow.paper.gemma3_prompt`), exactly what
+            ``"processor"`` gives with the released chat template.
             ``"processor"``: the processor's chat template if it has one (the question, a newline and the
             instruction as the user's text after the image), else the LLaVA-1.5 form without a system prompt.
         config: the model's config (needed for ``"paper"``).
@@ -112,6 +117,7 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
             "internvl2_5": internvl_prompt,
             "qwen3_vl": qwen3_vl_prompt,
             "mistral": mistral_prompt,
+            "gemma3": gemma3_prompt,
         }
         if template in own:
             return own[template](question)
@@ -172,6 +178,30 @@ def _image_run(tokenizer, prompt: str, ids: torch.Tensor, image_pos: list[int]) 
     return run
 
 
+def _run_end(processor, prompt: str, ids: torch.Tensor, image_pos: list[int], offsets: torch.Tensor) -> int:
+    """Where, in the processor's expanded text, the run that replaced the image placeholder of ``prompt`` ends: after
+    the processor's own framed sequence where it has one (Gemma 3: ``\\n\\n<start_of_image>`` + soft tokens +
+    ``<end_of_image>\\n\\n``, with pan-and-scan crops inside its "Here is the original image ..." text, so the
+    run ends in text, not in a token), else after the last token of :func:`_image_run`; 0 without image tokens.
+
+    Raises:
+        MmflowError: if the image tokens are not whole framed views (Gemma 3 without ``config``: the processor's
+            ``image_token_id`` is then the ``<start_of_image>`` marker, not the soft token).
+    """
+    if getattr(processor, "full_image_sequence", None) is not None:
+        crops, rest = divmod(len(image_pos), processor.image_seq_length)
+        if crops < 1 or rest:
+            raise MmflowError(
+                f"{len(image_pos)} image tokens are not whole views of {processor.image_seq_length} for "
+                f"{type(processor).__name__}: pass the model's config (config=model.config), whose image_token_id "
+                "is the soft token the processor expands the image into"
+            )
+        crops -= 1
+        return prompt.find(processor.image_token) + len(processor.replace_image_token({"num_crops": [crops]}, 0))
+    run = _image_run(processor.tokenizer, prompt, ids, image_pos)
+    return int(offsets[run[-1], 1]) if run else 0
+
+
 @dataclass
 class Encoded:
     """A model input for one example with its token groups (positions in the language model's sequence)."""
@@ -230,12 +260,15 @@ def encode(
         dtype: dtype of the pixel values (None: the processor's).
         inputs: ``"paper"`` (official prompt; single-tile images padded to a square with the mean colour) or
             ``"processor"`` (see :func:`build_prompt`).
-        config: the model's config (needed for ``"paper"``, the ``image_markers`` group, and for a family whose
-            prompts spell the BOS token, Pixtral / Mistral3, which are then tokenized without adding another).
+        config: the model's config (needed for ``"paper"``, the ``image_markers`` group, for a family whose prompts
+            spell the BOS token, Pixtral / Mistral3 / Gemma 3, which are then tokenized without adding another, and
+            for Gemma 3's soft image tokens and the checkpoint's pan-and-scan options,
+            :func:`~mmflow.families.view_options`).
 
     Returns:
         The inputs and the groups ``image`` (all image-token positions after expansion), ``image_markers`` (the
-        text tokens framing the image, e.g. Qwen's ``<|vision_start|>``/``<|vision_end|>``; only with ``config``;
+        text tokens framing the image, e.g. Qwen's ``<|vision_start|>``/``<|vision_end|>``, Gemma 3's
+        ``<start_of_image>``/``<end_of_image>``; only with ``config``;
         empty for LLaVA, so a flow naming it is skipped by runs and refused by a sweep), ``question``, ``last``,
         ``true_option``/``false_option`` (in the question's "X or Y" slot) and ``object:<name>``; ``located`` says
         which rule found each option and object, or that it was not found (then its group is absent).
@@ -259,12 +292,14 @@ def encode(
         return_offsets_mapping=True,
         return_tensors="pt",
         **({"add_special_tokens": False} if config is not None and family_of(config).bos_in_prompt else {}),
+        **(view_options(processor, config) if config is not None else {}),  # Gemma 3: the checkpoint's pan-and-scan
     )
     offsets_t = batch.pop("offset_mapping")[0]
     ids = batch["input_ids"][0]
-    image_pos = (ids == processor.image_token_id).nonzero().flatten().tolist()
-    run = _image_run(processor.tokenizer, prompt, ids, image_pos)
-    offsets = _expanded_offsets(prompt, processor.image_token, int(offsets_t[run[-1], 1]) if run else 0, offsets_t)
+    image_id = config.image_token_id if config is not None else processor.image_token_id  # Gemma 3: soft tokens
+    image_pos = (ids == image_id).nonzero().flatten().tolist()  # the tokens image features replace
+    run_end = _run_end(processor, prompt, ids, image_pos, offsets_t)
+    offsets = _expanded_offsets(prompt, processor.image_token, run_end, offsets_t)
     groups: dict[str, list[int]] = {
         "image": image_pos,
         "question": tokens_in_span(offsets, q_span),

@@ -54,6 +54,29 @@ def flow_positions(
     return sources, targets
 
 
+def check_window_keys(model: LlavaModel, flows: Sequence[tuple[str, tuple[list[int], list[int]]]]) -> None:
+    """Refuse a flow that would leave a target no key in the model's sliding-window layers (Gemma 3), where a
+    position sees only the last ``sliding_window`` positions (and, for an image token, the rest of its image).
+
+    Conservative: a target whose whole window is cut is refused even if later tokens of its image remain.
+
+    Raises:
+        MmflowError: naming the flow, the position and the window.
+    """
+    text = model.config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    if window is None or "sliding_attention" not in (getattr(text, "layer_types", None) or ()):
+        return
+    for name, (sources, targets) in flows:
+        blocked = set(sources)
+        for t in targets:
+            if set(range(max(0, t - window + 1), t + 1)) <= blocked:
+                raise MmflowError(
+                    f"Flow {name!r} would block every key of position {t} in the sliding-window layers, which see "
+                    f"only the last {window} positions"
+                )
+
+
 def has_empty_group(flow: Flow, groups: Mapping[str, Sequence[int]]) -> bool:
     """True if a named flow's source or target group exists but is empty for this example (e.g. no related
     patches because the question's objects are not in the image).
@@ -117,7 +140,8 @@ def knockout_sweep(
         greedy first answer token.
 
     Raises:
-        MmflowError: for an unknown engine, a bad window, centre layers out of range, no flows, or a bad flow.
+        MmflowError: for an unknown engine, a bad window, centre layers out of range, no flows, or a bad flow
+            (also one that leaves a position no key in a sliding-window layer: :func:`check_window_keys`).
     """
     sweep = get_engine(engine)
     n_layers = num_layers(model)
@@ -128,6 +152,7 @@ def knockout_sweep(
     check_flows(flows)
     windows = [window_layers(c, k, n_layers) for c in centres]
     resolved = [(flow_name(flow), flow_positions(flow, encoded.groups, encoded.length)) for flow in flows]
+    check_window_keys(model, resolved)
     rows = []
     with torch.inference_mode(), knockout_attention(model) as base:
         keep_from = min(min(targets) for _, (_, targets) in resolved)

@@ -36,6 +36,11 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .model.language_model                        Mistral decoder: .layers, .rotary_emb, .norm as above
     Mistral3ForConditionalGeneration               Mistral-Small-3.1: Pixtral ViT on 14 px patches, then
       .model.multi_modal_projector.patch_merger    a 2x2 merge: one image token per 28 px cell; Mistral decoder
+    Gemma3ForConditionalGeneration                 Gemma 3 (896 px squash, SigLIP 64 x 64 patches)
+      .model.multi_modal_projector                 AvgPool2d(4): 16 x 16 = 256 image tokens, one per 56 px cell
+      .model.language_model                        Gemma3TextModel: sliding-window and global layers, each type its
+                                                   own mask (image block bidirectional) and rotary table
+      .lm_head                                     tied to the embedding matrix (inputs x sqrt(hidden)) <- logit lens
 
 Adding a family is one :class:`~mmflow.families.Family` entry plus a test that loads a tiny checkpoint of it.
 """
@@ -58,7 +63,14 @@ from mmflow.checkpoints import (  # noqa: F401 (re-exported)
     locate,
 )
 from mmflow.errors import MmflowError
-from mmflow.families import FAMILIES, Family, build_processor, family_of  # noqa: F401 (re-exported)
+from mmflow.families import (  # noqa: F401 (re-exported)
+    FAMILIES,
+    Family,
+    build_processor,
+    check_fast_engine,
+    family_of,
+    view_options,
+)
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
@@ -332,12 +344,14 @@ def deepstack_layers(model: LlavaModel) -> int:
 
 def check_reusable_from(model: LlavaModel, inputs: dict[str, torch.Tensor], first: int) -> None:
     """Raise unless the clean run's hidden states from position ``first`` on are each decoder layer's input, as the
-    fast engine reuses them: DeepStack adds vision features to the first layers' outputs at the image positions
-    after transformers records them, so a suffix from ``first`` must hold no image token.
+    fast engine reuses them: never for a family whose clean prefix itself would change (Gemma 3's bidirectional
+    image: :func:`~mmflow.families.check_fast_engine`); DeepStack adds vision features to the first layers' outputs
+    at the image positions after transformers records them, so a suffix from ``first`` must hold no image token.
 
     Raises:
-        MmflowError: naming the last image position and ``engine='naive'``.
+        MmflowError: naming the family's reason, or the last image position, and ``engine="naive"``.
     """
+    check_fast_engine(model)
     image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero() if deepstack_layers(model) else []
     if len(image) and first <= int(image.max()):
         raise MmflowError(
@@ -345,6 +359,13 @@ def check_reusable_from(model: LlavaModel, inputs: dict[str, torch.Tensor], firs
             f"decoder layers at the image positions (up to position {int(image.max())}), and a flow's first target "
             f"is position {first}: the fast engine reuses clean hidden states only after the image; use engine='naive'"
         )
+
+
+def token_pool(model: LlavaModel) -> int:
+    """The side (in ViT patches) of the square of patches averaged into one image token: the projector's pooling
+    kernel for Gemma 3 (``AvgPool2d``: 64 x 64 patches -> 16 x 16 tokens, 4), 1 for families without pooling."""
+    path = family_of(model).token_pool
+    return int(_attr(model, path)) if path else 1
 
 
 def pack_image_features(model: LlavaModel) -> Any:

@@ -73,6 +73,9 @@ INTERNVL_TEMPLATE = (
 #: Mistral's official single-image turn (``mistral_common``: Pixtral-12B, Mistral-Small-3.1): BOS, the image, then
 #: the text, in one ``[INST]`` block with no system prompt.
 MISTRAL_TEMPLATE = "<s>[INST][IMG]{text}[/INST]"
+#: The official Gemma 3 single-image turn (chat template of google/gemma-3-4b-it): ``<bos>``, no system prompt,
+#: ``<start_of_image>`` where the image goes (the processor expands it), the text part trimmed.
+GEMMA3_TEMPLATE = "<bos><start_of_turn>user\n<start_of_image>{text}<end_of_turn>\n<start_of_turn>model\n"
 
 #: The paper's flows as (source group, target group): the target's attention to the source is blocked.
 FLOWS = {
@@ -194,6 +197,22 @@ def mistral_prompt(question: str) -> str:
         '<s>[INST][IMG]Q?\\nAnswer the question using a single word or phrase.[/INST]'
     """
     return MISTRAL_TEMPLATE.format(text=f"{question}\n{INSTRUCTION}")
+
+
+def gemma3_prompt(question: str) -> str:
+    """The official Gemma 3 prompt for ``question`` (the image first, then the question and the paper's instruction),
+    as the released chat template renders it; the processor expands ``<start_of_image>`` into
+    ``\\n\\n<start_of_image>`` + the image's soft tokens + ``<end_of_image>\\n\\n``.
+
+    Example:
+        >>> print(gemma3_prompt("Q?"))
+        <bos><start_of_turn>user
+        <start_of_image>Q?
+        Answer the question using a single word or phrase.<end_of_turn>
+        <start_of_turn>model
+        <BLANKLINE>
+    """
+    return GEMMA3_TEMPLATE.format(text=f"{question}\n{INSTRUCTION}")
 
 
 def default_window(n_layers: int) -> int:

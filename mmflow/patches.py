@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from mmflow.errors import MmflowError
-from mmflow.models import LlavaModel, family_of, pack_image_features
+from mmflow.models import LlavaModel, family_of, pack_image_features, token_pool, view_options
 
 #: Labels of image tokens: the patch overlaps a box, does not, or is no patch (CLS, row-newline token).
 RELATED, OTHER, NEITHER = 1.0, 0.0, -1.0
@@ -100,10 +100,11 @@ def image_token_labels(
 
     The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, Qwen's
     smart_resize into 28 px cells (Qwen3-VL 32 px), InternVL's dynamic tiles and thumbnail, Pixtral's
-    aspect-preserving resize into 16 or 28 px cells, with nearest-neighbour resampling and no normalisation) and, for
-    anyres families, the model's own feature packing (unpadding, newline tokens, and OneVision's bilinear
-    downsampling of large grids, after which a token is RELATED if any related patch contributes to it), for
-    InternVL the model's own pixel shuffle (a token is RELATED if any of its 2 x 2 patches is).
+    aspect-preserving resize into 16 or 28 px cells, Gemma 3's squash and pan-and-scan crops, with nearest-neighbour
+    resampling and no normalisation) and, for anyres families, the model's own feature packing (unpadding, newline
+    tokens, and OneVision's bilinear downsampling of large grids, after which a token is RELATED if any related patch
+    contributes to it), for InternVL the model's own pixel shuffle (a token is RELATED if any of its 2 x 2 patches
+    is), for Gemma 3 the projector's average pooling (likewise, per k x k patches).
 
     Returns:
         A float tensor of shape ``(n_image_tokens,)``.
@@ -112,18 +113,24 @@ def image_token_labels(
 
 
 def _processed_mask(model: LlavaModel, processor, size, boxes, inputs: str) -> dict:
-    """The box mask as the processor's image processor prepares it (with the processor's own image options, e.g.
-    InternVL's ``crop_to_patches``), nearest-neighbour, not rescaled or normalised."""
+    """The box mask as the processor prepares it for the model (:func:`_processed`), nearest-neighbour."""
     from transformers.image_utils import PILImageResampling
 
     mask = model_view(box_mask(size, boxes), processor, model, inputs)  # padding is mean colour: "other"
-    options = {**_image_options(model, processor), "resample": PILImageResampling.NEAREST}
-    return processor.image_processor(mask, do_rescale=False, do_normalize=False, return_tensors="pt", **options)
+    return _processed(model, processor, mask, PILImageResampling.NEAREST)
+
+
+def _processed(model: LlavaModel, processor, image: Image.Image, resample) -> dict:
+    """``image`` through the processor's image processor with the options the processor call itself passes
+    (:func:`_image_options`: InternVL's ``crop_to_patches``, Gemma 3's pan-and-scan, ...), so in the views the model
+    sees, resampled with ``resample``, not rescaled or normalised."""
+    options = {**_image_options(model, processor), "resample": resample}
+    return processor.image_processor(image, do_rescale=False, do_normalize=False, return_tensors="pt", **options)
 
 
 def _labels_and_views(model: LlavaModel, processor, size, boxes, inputs: str) -> tuple[torch.Tensor, list[str]]:
-    """:func:`image_token_labels` and the view of each token (:attr:`~mmflow.families.Family.patch_views`; all
-    ``""`` for a family seen in one view)."""
+    """:func:`image_token_labels` and the view of each token (:func:`_view_names`; all ``""`` for an image seen in
+    one view)."""
     pixels = _processed_mask(model, processor, size, boxes, inputs)
     cfg, family = model.config, family_of(model)
     patch = _side(cfg.vision_config.patch_size)
@@ -133,13 +140,17 @@ def _labels_and_views(model: LlavaModel, processor, size, boxes, inputs: str) ->
     if family.pixel_layout == "native":  # one image at its own aspect ratio, one token per cell
         labels = _patch_labels(pixels["pixel_values"][0], native_cell(model, processor))
         return labels, [""] * len(labels)
-    tiles = pixels["pixel_values"] if family.pixel_shuffle else pixels["pixel_values"][0]
-    if tiles.dim() == 3:
-        tiles = tiles[None]
+    values = pixels["pixel_values"]  # (1, tiles, 3, H, W) for anyres; (tiles or views, 3, H, W) otherwise
+    tiles = values[0] if values.dim() == 5 else values
     per_tile = torch.stack([_patch_labels(tile, patch) for tile in tiles])  # (n_tiles, patches)
-    strategy = cfg.vision_feature_select_strategy
-    if family.pixel_shuffle:
-        return _shuffled_labels(model, per_tile, strategy)
+    strategy = getattr(cfg, "vision_feature_select_strategy", None)
+    if family.pixel_shuffle or family.token_pool:  # the model folds each tile's patch grid into fewer tokens
+        if family.pixel_shuffle:
+            folded = _shuffled_labels(model, per_tile, strategy)
+        else:
+            folded = _pooled_labels(per_tile, token_pool(model))
+        views = _view_names(family, len(folded))
+        return folded.flatten(), [view for view in views for _ in range(folded.shape[1])]
     cls_kept = strategy == "full" and any(hasattr(m, "class_embedding") for m in model.modules())  # CLIP, not SigLIP
     pack = pack_image_features(model)
     if "image_sizes" in pixels and pack is not None:  # anyres: pack the labels exactly like image features
@@ -163,20 +174,38 @@ def _side(size) -> int:
     return size if isinstance(size, int) else int(size[0])
 
 
-def _shuffled_labels(model: LlavaModel, per_tile: torch.Tensor, strategy: str) -> tuple[torch.Tensor, list[str]]:
+def _shuffled_labels(model: LlavaModel, per_tile: torch.Tensor, strategy: str) -> torch.Tensor:
     """InternVL: each tile's patch labels through the model's own pixel shuffle (a token is RELATED if any of the
-    patches folded into it is), tiles in order; the views: ``tiles`` for the crops, ``thumbnail`` for the whole
-    image, which the processor appends last when there is more than one crop."""
+    patches folded into it is), ``(n_tiles, tokens per tile)``."""
     if strategy != "default":
         raise MmflowError(f"InternVL patch groups need vision_feature_select_strategy='default', not {strategy!r}")
     n, patches = per_tile.shape
     side = math.isqrt(patches)
     shuffle = reduce(getattr, family_of(model).pixel_shuffle.split("."), model)
     folded = shuffle(per_tile.view(n, side, side, 1), scale_factor=model.config.downsample_ratio)
-    labels = torch.where((folded > OTHER).any(-1), RELATED, OTHER).flatten(1)  # (n_tiles, tokens per tile)
-    crops, whole = family_of(model).patch_views
-    views = [whole if n > 1 and tile == n - 1 else crops for tile in range(n) for _ in range(labels.shape[1])]
-    return labels.flatten(), views
+    return torch.where((folded > OTHER).any(-1), RELATED, OTHER).flatten(1)
+
+
+def _pooled_labels(per_tile: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Gemma 3: each view's square patch grid average-pooled ``kernel`` x ``kernel`` (row-major, as the projector's
+    ``AvgPool2d`` and flatten order the tokens; a token is RELATED if any of its patches is),
+    ``(n_views, tokens per view)``."""
+    n, side = len(per_tile), math.isqrt(per_tile.shape[1])
+    grid = per_tile.view(n, side // kernel, kernel, side // kernel, kernel)
+    return torch.where((grid == RELATED).any(4).any(2).flatten(1), RELATED, OTHER)
+
+
+def _view_names(family, n: int) -> list[str]:
+    """The view of each of an image's ``n`` tiles, in the processor's order: InternVL's crops, then the whole image
+    last when there is more than one crop (:attr:`~mmflow.families.Family.patch_views`: ``tiles``, ``thumbnail``);
+    Gemma 3's ``original``, then ``crop1``, ``crop2``, ... when pan-and-scan cropped it
+    (:attr:`~mmflow.families.Family.processor_views`); ``""`` for an image seen in one view."""
+    if family.patch_views:
+        crops, whole = family.patch_views
+        return [whole if n > 1 and tile == n - 1 else crops for tile in range(n)]
+    if family.processor_views and n > 1:
+        return ["original"] + [f"crop{k}" for k in range(1, n)]
+    return [""] * n
 
 
 def native_cell(model: LlavaModel, processor) -> int:
@@ -197,10 +226,13 @@ def native_cell(model: LlavaModel, processor) -> int:
 
 
 def _image_options(model: LlavaModel, processor) -> dict:
-    """Options the processor itself passes to its image processor: its ``images_kwargs`` (e.g. InternVL's
-    ``crop_to_patches``) and, for the "native" layout, the cell size."""
+    """Options the processor call passes to its image processor: its ``images_kwargs`` (e.g. InternVL's
+    ``crop_to_patches``) with the checkpoint's own view options over them (Gemma 3's pan-and-scan, as
+    :func:`~mmflow.inputs.encode` passes them: :func:`~mmflow.families.view_options`) and, for the "native" layout,
+    the cell size."""
     fixed = ("return_tensors", "do_rescale", "do_normalize", "resample")  # mmflow sets these itself
-    options = {k: v for k, v in getattr(processor, "images_kwargs", {}).items() if k not in fixed}
+    own = {**getattr(processor, "images_kwargs", {}), **view_options(processor, model)}
+    options = {k: v for k, v in own.items() if k not in fixed}
     if family_of(model).pixel_layout == "native":
         cell = native_cell(model, processor)
         options["patch_size"] = {"height": cell, "width": cell}
@@ -234,11 +266,11 @@ def patch_groups(
     boxes: Sequence[Sequence[float]],
     inputs: str = "processor",
 ) -> dict[str, list[int]]:
-    """``related_patches`` / ``other_patches``: image-token positions whose patch overlaps any box, or none; for a
-    family that sees the image in several views (:attr:`~mmflow.families.Family.patch_views`, InternVL's ``tiles``
-    and ``thumbnail``) these are the union over the views, and each view is also its own pair of groups,
-    ``related_patches@<view>`` / ``other_patches@<view>`` (empty where the image has no such view, e.g. no
-    thumbnail for a single tile).
+    """``related_patches`` / ``other_patches``: image-token positions whose patch overlaps any box, or none; where
+    the model sees the image in several views these are the union over the views, and each view is also its own
+    pair of groups, ``related_patches@<view>`` / ``other_patches@<view>``: InternVL's ``tiles`` and ``thumbnail``
+    (:attr:`~mmflow.families.Family.patch_views`, always present, empty where the image has no such view, e.g. no
+    thumbnail for a single tile), Gemma 3's ``original``, ``crop1``, ... (only when pan-and-scan cropped the image).
 
     Args:
         image_positions: positions of the image tokens in the language model's sequence.
@@ -256,7 +288,7 @@ def patch_groups(
         )
     rows = list(zip(image_positions, labels.tolist(), views))
     groups = {}
-    for view in ("", *family_of(model).patch_views):
+    for view in dict.fromkeys(("", *family_of(model).patch_views, *views)):  # the union first, views in order
         suffix = f"@{view}" if view else ""
         groups[f"related_patches{suffix}"] = [p for p, lab, v in rows if lab == RELATED and view in ("", v)]
         groups[f"other_patches{suffix}"] = [p for p, lab, v in rows if lab == OTHER and view in ("", v)]
@@ -268,13 +300,12 @@ def base_patch_grid(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(processed base tile as HxWx3 uint8, labels of its patch grid): what the overlays show. The base tile is the
     whole image as the model sees it: LLaVA's tile, anyres' base tile, Qwen's resized image, InternVL's thumbnail
-    (its only tile when the image is not cropped)."""
+    (its only tile when the image is not cropped), Gemma 3's squashed original (its first view)."""
     from transformers.image_utils import PILImageResampling
 
     labels = image_token_labels(model, processor, image.size, boxes, inputs)
     image = model_view(image, processor, model, inputs)
-    options = {**_image_options(model, processor), "resample": PILImageResampling.BICUBIC}
-    processed = processor.image_processor(image, do_rescale=False, do_normalize=False, return_tensors="pt", **options)
+    processed = _processed(model, processor, image, PILImageResampling.BICUBIC)
     if family_of(model).pixel_layout == "native":  # one image, one token per cell, row by row
         base, cell = processed["pixel_values"][0], native_cell(model, processor)
         grid = labels.view(base.shape[1] // cell, base.shape[2] // cell).numpy()
@@ -290,7 +321,8 @@ def base_patch_grid(
         side = math.isqrt(len(last))
         base = processed["pixel_values"][-1]
         return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), last.view(side, side).numpy()
-    side = _side(model.config.vision_config.image_size) // _side(model.config.vision_config.patch_size)
+    vision = model.config.vision_config
+    side = _side(vision.image_size) // _side(vision.patch_size) // token_pool(model)  # Gemma 3: its first view
     grid = labels[labels != NEITHER][: side * side].view(side, side).numpy()
     pixels = processed["pixel_values"][0]
     base = pixels if pixels.dim() == 3 else pixels[0]

@@ -45,7 +45,7 @@ def test_every_family_has_a_replica_and_passes(results):
         for column, tolerance in fc.TOLERANCE.items():
             assert float(re.search(r"\(([-+.e\d]+)\)", result[column]).group(1)) <= tolerance
     markers = {r["family"] for r in results if "image_markers" in r["group_names"]}
-    assert markers == {"qwen2-vl", "qwen2.5-vl"}
+    assert markers == {f.name for f in FAMILIES if f.image_markers}  # Qwen, InternVL, Pixtral: their own group
     assert all({"image", "question", "last", "patches"} <= set(r["group_names"]) for r in results)
 
 
@@ -132,3 +132,30 @@ def test_a_builder_and_geometry_kept_with_the_tests_can_be_registered(tmp_path):
     )
     result = fc.check(row, tmp_path)
     assert result["ok"] and result["geometry"] == "agrees (4 R / 16 O / 20)"
+
+
+@pytest.mark.parametrize(
+    "size,box",
+    [
+        ((150, 100), (90, 8, 40, 30)),
+        ((112, 84), (29, 57, 2, 2)),
+        ((400, 260), (10, 200, 380, 30)),
+        ((90, 300), (10, 100, 20, 20)),
+        ((105, 84), (3, 3, 60, 60)),
+    ],
+)
+def test_the_replicas_geometry_agrees_with_each_family_tests_own_arithmetic(size, box):
+    """Two write-ups of each merged family's geometry, neither from mmflow.patches: mmflow/replicas/geometry.py (what
+    ``make families`` checks against) and the family test's ``expected_labels`` (what its tests check against)."""
+    import test_family_internvl
+    import test_family_pixtral
+    import test_family_qwen3
+
+    def letters(values):
+        return ["R" if float(v) == fc.RELATED else "O" if float(v) == fc.OTHER else "?" for v in values]
+
+    assert geometry.internvl(size, box) == letters(test_family_internvl.expected_labels(size, box)[0])
+    assert geometry.qwen3_vl(size, box) == letters(test_family_qwen3.expected_labels(size, box))
+    assert geometry.pixtral_native(size, box) == letters(test_family_pixtral.expected_labels("pixtral", size, box))
+    assert geometry.mistral3_native(size, box) == letters(test_family_pixtral.expected_labels("mistral3", size, box))
+    assert {"R", "O"} <= set(geometry.internvl(size, box))

@@ -92,6 +92,46 @@ REPLICAS = (
         ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"),
         {"kind": "qwen2_5_vl", "layers": 4},
     ),
+    Replica(
+        "qwen3-vl",
+        "mmflow.replicas.qwen3:build_tiny_qwen3",
+        f"{_GEOMETRY}:qwen3_vl",
+        "ChatML without system prompt, smart_resize",
+        ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-4B-Instruct"),
+        {"kind": "qwen3_vl", "layers": 4},
+    ),
+    Replica(
+        "qwen3-vl-moe",
+        "mmflow.replicas.qwen3:build_tiny_qwen3",
+        f"{_GEOMETRY}:qwen3_vl",
+        "ChatML without system prompt, smart_resize",
+        ("Qwen/Qwen3-VL-30B-A3B-Instruct",),
+        {"kind": "qwen3_vl_moe", "layers": 4},
+    ),
+    Replica(
+        "internvl",
+        "mmflow.replicas.internvl:build_tiny_internvl",
+        f"{_GEOMETRY}:internvl",
+        "InternVL2.5 prompt with system message, dynamic tiles + thumbnail",
+        ("OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-1B-hf"),
+        {"backbone": "qwen2", "layers": 4},
+    ),
+    Replica(
+        "pixtral",
+        "mmflow.replicas.pixtral:build_tiny_pixtral",
+        f"{_GEOMETRY}:pixtral_native",
+        "Mistral [INST] prompt, native resolution",
+        ("mistral-community/pixtral-12b",),
+        {"kind": "pixtral", "layers": 4},
+    ),
+    Replica(
+        "mistral3",
+        "mmflow.replicas.pixtral:build_tiny_pixtral",
+        f"{_GEOMETRY}:mistral3_native",
+        "Mistral [INST] prompt, native resolution",
+        ("mistralai/Mistral-Small-3.1-24B-Instruct-2503",),
+        {"kind": "mistral3", "layers": 4},
+    ),
 )
 
 

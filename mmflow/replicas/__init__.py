@@ -112,7 +112,7 @@ REPLICAS = (
         "internvl",
         "mmflow.replicas.internvl:build_tiny_internvl",
         f"{_GEOMETRY}:internvl",
-        "InternVL2.5 prompt with system message, dynamic tiles + thumbnail",
+        "internvl2_5 prompt with its system message, dynamic tiles + thumbnail",
         ("OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-1B-hf"),
         {"backbone": "qwen2", "layers": 4},
     ),

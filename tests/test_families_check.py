@@ -159,3 +159,13 @@ def test_the_replicas_geometry_agrees_with_each_family_tests_own_arithmetic(size
     assert geometry.pixtral_native(size, box) == letters(test_family_pixtral.expected_labels("pixtral", size, box))
     assert geometry.mistral3_native(size, box) == letters(test_family_pixtral.expected_labels("mistral3", size, box))
     assert {"R", "O"} <= set(geometry.internvl(size, box))
+
+
+def test_the_oracles_image_block_is_per_run_and_live(tmp_path):
+    """A replica marked bidirectional (Gemma 3's images attend to themselves both ways) gets an oracle whose mask
+    holds one block per run of image tokens; on LLaVA, whose image is causal, that oracle disagrees with the model."""
+    blocks = fc.image_blocks(6, [1, 2, 4])
+    assert blocks[1, 2] and blocks[2, 1] and blocks[4, 4] and int(blocks.sum()) == 5  # {1, 2} both ways, then {4}
+    assert not blocks[2, 4] and not blocks[4, 1] and not blocks[0, 0]
+    result = fc.check(dataclasses.replace(replica("llava"), bidirectional_image=True), tmp_path)
+    assert result["naive"].startswith("FAILED") and result["geometry"].startswith("agrees") and not result["ok"]

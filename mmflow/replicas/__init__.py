@@ -41,6 +41,8 @@ class Replica:
     size: tuple[int, int] = (150, 100)  #: the picture the check encodes (width, height)
     box: tuple[float, float, float, float] = (90, 8, 40, 30)  #: its related box (x, y, w, h)
     inputs: str = "paper"  #: the inputs it is encoded with ("processor" where the paper defines none)
+    #: the image's tokens attend to each other both ways (Gemma 3): the oracle's mask holds each image's block
+    bidirectional_image: bool = False
 
 
 _GEOMETRY = "mmflow.replicas.geometry"

@@ -43,7 +43,8 @@ def test_every_family_has_a_replica_and_passes(results):
         assert result["ok"], result
         assert result["loads"].startswith("yes") and result["geometry"].startswith("agrees")
         for column, tolerance in fc.TOLERANCE.items():
-            assert float(re.search(r"\(([-+.e\d]+)\)", result[column]).group(1)) <= tolerance
+            if fc.fast_status(result[column]) != "refused":  # a refusal (Gemma 3's fast engine) states its reason
+                assert float(re.search(r"\(([-+.e\d]+)\)", result[column]).group(1)) <= tolerance
     markers = {r["family"] for r in results if "image_markers" in r["group_names"]}
     assert markers == {f.name for f in FAMILIES if f.image_markers}  # Qwen, InternVL, Pixtral: their own group
     assert all({"image", "question", "last", "patches"} <= set(r["group_names"]) for r in results)

@@ -65,12 +65,24 @@ def _sliding_window(config, layer: int) -> int | None:
     return window if getattr(config, "use_sliding_window", True) else None
 
 
-def oracle_p(model, enc, answer: int, sources, targets, layers) -> float:
+def image_blocks(n: int, image: Sequence[int]) -> torch.Tensor:
+    """(n, n) booleans: True where query and key are image tokens of the same run of consecutive image tokens (one
+    run per image or view), the block an image attends to both ways in families like Gemma 3."""
+    is_image = torch.zeros(n, dtype=torch.bool)
+    is_image[list(image)] = True
+    run = torch.cumsum((is_image & ~torch.cat([torch.tensor([False]), is_image[:-1]])).int(), 0)
+    return is_image[:, None] & is_image[None, :] & (run[:, None] == run[None, :])
+
+
+def oracle_p(model, enc, answer: int, sources, targets, layers, bidirectional: bool = False) -> float:
     """Probability of ``answer`` when each layer in ``layers`` gets an explicit additive mask (causal minus the cut
     edges) through a forward pre-hook on its decoder layer, every other layer the causal mask (within the layer's
-    sliding window, if it has one); no mmflow engine."""
+    sliding window, if it has one); no mmflow engine. ``bidirectional``: the causal mask also holds each image's
+    block (:func:`image_blocks`), as the model's own mask does for such families."""
     n, config = enc.length, model.config.get_text_config()
     causal = torch.ones(n, n, dtype=torch.bool).tril()
+    if bidirectional:
+        causal = causal | image_blocks(n, enc.groups["image"])
     handles = []
     for j, layer in enumerate(decoder_layers(model)):
         window = _sliding_window(config, j)
@@ -122,7 +134,7 @@ def _geometry(row: Replica, model, processor, enc) -> tuple[bool, str]:
     return True, f"agrees ({labels.count('R')} R / {labels.count('O')} O / {len(labels)})"
 
 
-def _engines(model, enc, flows) -> tuple[dict[str, str], dict[str, bool]]:
+def _engines(model, enc, flows, bidirectional: bool = False) -> tuple[dict[str, str], dict[str, bool]]:
     """naive vs the oracle, fast vs naive: the cells and whether each passed."""
     naive = knockout_sweep(model, enc, flows, window=WINDOW, engine="naive")
     answer = int(naive.answer_token.iloc[0])
@@ -130,7 +142,7 @@ def _engines(model, enc, flows) -> tuple[dict[str, str], dict[str, bool]]:
     for item in naive.itertuples():
         sources, targets = flow_positions(item.flow, enc.groups)
         layers = range(item.window_start, item.window_end + 1)
-        diffs.append(abs(item.p_new - oracle_p(model, enc, answer, sources, targets, layers)))
+        diffs.append(abs(item.p_new - oracle_p(model, enc, answer, sources, targets, layers, bidirectional)))
     effect = float(naive.rel_change.abs().max())
     cells = {"naive": f"= oracle ({max(diffs):.0e})"}
     passed = {"naive": max(diffs) <= TOLERANCE["naive"] and effect > 1e-3}
@@ -175,7 +187,7 @@ def check(row: Replica, root: Path) -> dict[str, Any]:
         out["groups"] = ", ".join(out["group_names"])
         geometry_ok, out["geometry"] = _geometry(row, model, processor, enc)
         flows = list(FLOWS) + (["image_markers->last"] if enc.groups.get("image_markers") else [])
-        cells, passed = _engines(model, enc, flows)
+        cells, passed = _engines(model, enc, flows, row.bidirectional_image)
         out.update(cells)
         lens_ok, out["lens"] = _lens(model, enc)
         out["ok"] = name == row.family and geometry_ok and all(passed.values()) and lens_ok

@@ -41,6 +41,8 @@ class Replica:
     size: tuple[int, int] = (150, 100)  #: the picture the check encodes (width, height)
     box: tuple[float, float, float, float] = (90, 8, 40, 30)  #: its related box (x, y, w, h)
     inputs: str = "paper"  #: the inputs it is encoded with ("processor" where the paper defines none)
+    #: the image's tokens attend to each other both ways (Gemma 3): the oracle's mask holds each image's block
+    bidirectional_image: bool = False
 
 
 _GEOMETRY = "mmflow.replicas.geometry"
@@ -91,6 +93,46 @@ REPLICAS = (
         "ChatML with system prompt, smart_resize",
         ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"),
         {"kind": "qwen2_5_vl", "layers": 4},
+    ),
+    Replica(
+        "qwen3-vl",
+        "mmflow.replicas.qwen3:build_tiny_qwen3",
+        f"{_GEOMETRY}:qwen3_vl",
+        "ChatML without system prompt, smart_resize",
+        ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-4B-Instruct"),
+        {"kind": "qwen3_vl", "layers": 4},
+    ),
+    Replica(
+        "qwen3-vl-moe",
+        "mmflow.replicas.qwen3:build_tiny_qwen3",
+        f"{_GEOMETRY}:qwen3_vl",
+        "ChatML without system prompt, smart_resize",
+        ("Qwen/Qwen3-VL-30B-A3B-Instruct",),
+        {"kind": "qwen3_vl_moe", "layers": 4},
+    ),
+    Replica(
+        "internvl",
+        "mmflow.replicas.internvl:build_tiny_internvl",
+        f"{_GEOMETRY}:internvl",
+        "internvl2_5 prompt with its system message, dynamic tiles + thumbnail",
+        ("OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-1B-hf"),
+        {"backbone": "qwen2", "layers": 4},
+    ),
+    Replica(
+        "pixtral",
+        "mmflow.replicas.pixtral:build_tiny_pixtral",
+        f"{_GEOMETRY}:pixtral_native",
+        "Mistral [INST] prompt, native resolution",
+        ("mistral-community/pixtral-12b",),
+        {"kind": "pixtral", "layers": 4},
+    ),
+    Replica(
+        "mistral3",
+        "mmflow.replicas.pixtral:build_tiny_pixtral",
+        f"{_GEOMETRY}:mistral3_native",
+        "Mistral [INST] prompt, native resolution",
+        ("mistralai/Mistral-Small-3.1-24B-Instruct-2503",),
+        {"kind": "mistral3", "layers": 4},
     ),
 )
 

@@ -11,8 +11,9 @@ import math
 
 import torch
 
+from mmflow.replicas import internvl as internvl_replica
 from mmflow.replicas import llava as tiny
-from mmflow.replicas import onevision, qwen
+from mmflow.replicas import onevision, pixtral, qwen, qwen3
 
 
 def _overlap_labels(box, transform, rows: int, cols: int, cell: float) -> list[str]:
@@ -122,9 +123,10 @@ def onevision_paper(size, box) -> list[str]:
     return labels
 
 
-def smart_resize(height: int, width: int, factor: int = 28) -> tuple[int, int]:
-    """Qwen's resize rule, from its description: whole ``factor``-px cells, pixels within the replica's bounds."""
-    low, high = qwen.MIN_PIXELS, qwen.MAX_PIXELS
+def smart_resize(height: int, width: int, factor: int = 28, low: int | None = None, high: int | None = None):
+    """Qwen's resize rule, from its description: whole ``factor``-px cells, pixels within [``low``, ``high``] (by
+    default the Qwen2-VL replica's bounds); returns (height, width)."""
+    low, high = low or qwen.MIN_PIXELS, high or qwen.MAX_PIXELS
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > high:
         beta = math.sqrt(height * width / high)
@@ -136,11 +138,79 @@ def smart_resize(height: int, width: int, factor: int = 28) -> tuple[int, int]:
     return h, w
 
 
+def _resampled(size, box, rh: int, rw: int, cell: int) -> list[str]:
+    """The image resized to ``rh`` x ``rw`` px (nearest neighbour, pixel centres), one token per ``cell``-px cell,
+    row-major: "R" where a pixel of the cell samples the box, else "O"."""
+    (width, height), (x, y, w, h) = size, box
+    rows, cols = _cells(_hits(rh, height, y, y + h), cell), _cells(_hits(rw, width, x, x + w), cell)
+    return ["R" if r and c else "O" for r in rows for c in cols]
+
+
 def qwen_vl(size, box) -> list[str]:
     """Qwen2-VL / Qwen2.5-VL: ``smart_resize``, one token per 28 px cell (14 px patches merged 2 x 2), row-major;
     a cell is related if one of its pixels samples the box (nearest neighbour)."""
-    (width, height), (x, y, w, h) = size, box
-    rh, rw = smart_resize(height, width)
-    factor = qwen.PATCH * qwen.MERGE
-    rows, cols = _cells(_hits(rh, height, y, y + h), factor), _cells(_hits(rw, width, x, x + w), factor)
-    return ["R" if r and c else "O" for r in rows for c in cols]
+    rh, rw = smart_resize(size[1], size[0])
+    return _resampled(size, box, rh, rw, qwen.PATCH * qwen.MERGE)
+
+
+def qwen3_vl(size, box) -> list[str]:
+    """Qwen3-VL / Qwen3-VL-MoE: as Qwen2-VL with 16 px patches merged 2 x 2 (32 px cells) and the Qwen3 replica's
+    pixel bounds."""
+    cell = qwen3.PATCH * qwen3.MERGE
+    rh, rw = smart_resize(size[1], size[0], cell, qwen3.MIN_PIXELS, qwen3.MAX_PIXELS)
+    return _resampled(size, box, rh, rw, cell)
+
+
+def _tile_grid(width: int, height: int, max_tiles: int) -> tuple[int, int]:
+    """InternVL's dynamic tiling, from its description: (columns, rows) of the grid of at most ``max_tiles`` tiles
+    whose aspect ratio is closest to the image's, grids taken by tile count (then by columns); on a tie the later grid
+    wins when the image's area exceeds half of the grid's."""
+    tile = internvl_replica.TILE
+    grids = sorted(((c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles // c + 1)), key=math.prod)
+    best, best_diff = (1, 1), math.inf
+    for c, r in grids:
+        diff = abs(width / height - c / r)
+        if diff < best_diff:
+            best, best_diff = (c, r), diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * c * r:
+            best = (c, r)
+    return best
+
+
+def internvl(size, box) -> list[str]:
+    """InternVL: the image squeezed onto a grid of 84 px tiles (:func:`_tile_grid`), each tile's tokens row-major
+    over 28 px cells (14 px patches, pixel shuffle 0.5), tiles row-major; then, with more than one tile, the
+    thumbnail (the whole image squeezed onto one tile)."""
+    tile, cell = internvl_replica.TILE, internvl_replica.PATCH * 2
+    cols, rows = _tile_grid(*size, internvl_replica.MAX_PATCHES)
+    full = _resampled(size, box, rows * tile, cols * tile, cell)
+    per, line = tile // cell, cols * tile // cell
+    labels = [
+        full[(tr * per + r) * line + tc * per + c]
+        for tr in range(rows)
+        for tc in range(cols)
+        for r in range(per)
+        for c in range(per)
+    ]
+    return labels + (_resampled(size, box, tile, tile, cell) if rows * cols > 1 else [])
+
+
+def _native(kind: str, size, box) -> list[str]:
+    """Pixtral's native resolution, from its description: scaled down (never up, sides floored) so the longest side
+    fits the longest edge, each side rounded up to whole cells (patch x spatial merge), one token per cell."""
+    patch, merge, edge = pixtral.GEOMETRY[kind]
+    cell, (width, height) = patch * merge, size
+    ratio = max(width / edge, height / edge)
+    if ratio > 1:
+        width, height = math.floor(width / ratio), math.floor(height / ratio)
+    return _resampled(size, box, math.ceil(height / cell) * cell, math.ceil(width / cell) * cell, cell)
+
+
+def pixtral_native(size, box) -> list[str]:
+    """Pixtral-12B: 16 px cells (no merge), longest edge 128 px in the replica."""
+    return _native("pixtral", size, box)
+
+
+def mistral3_native(size, box) -> list[str]:
+    """Mistral3 (Mistral-Small-3.1): 14 px patches merged 2 x 2 (28 px cells), longest edge 168 px in the replica."""
+    return _native("mistral3", size, box)

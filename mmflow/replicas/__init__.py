@@ -134,6 +134,15 @@ REPLICAS = (
         ("mistralai/Mistral-Small-3.1-24B-Instruct-2503",),
         {"kind": "mistral3", "layers": 4},
     ),
+    Replica(
+        "gemma3",
+        "mmflow.replicas.gemma3:build_tiny_gemma3",
+        f"{_GEOMETRY}:gemma3_squash",
+        "Gemma 3 chat turn, squashed to a square",
+        ("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
+        {"layers": 4},
+        bidirectional_image=True,
+    ),
 )
 
 

@@ -11,9 +11,9 @@ import math
 
 import torch
 
+from mmflow.replicas import gemma3, onevision, pixtral, qwen, qwen3
 from mmflow.replicas import internvl as internvl_replica
 from mmflow.replicas import llava as tiny
-from mmflow.replicas import onevision, pixtral, qwen, qwen3
 
 
 def _overlap_labels(box, transform, rows: int, cols: int, cell: float) -> list[str]:
@@ -214,3 +214,9 @@ def pixtral_native(size, box) -> list[str]:
 def mistral3_native(size, box) -> list[str]:
     """Mistral3 (Mistral-Small-3.1): 14 px patches merged 2 x 2 (28 px cells), longest edge 168 px in the replica."""
     return _native("mistral3", size, box)
+
+
+def gemma3_squash(size, box) -> list[str]:
+    """Gemma 3: the image squashed to the tower's square; one token per pooled cell (side // sqrt(tokens) px)."""
+    side = gemma3.IMAGE
+    return _resampled(size, box, side, side, side // math.isqrt(gemma3.TOKENS))

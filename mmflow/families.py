@@ -45,6 +45,14 @@ class Family:
     pixel_layout: str = "tiles"
     #: the processor class, built image-only (no video processor) where torchvision is missing; None: AutoProcessor
     image_only_processor: str | None = None
+    #: the model's own pixel shuffle over one tile's flattened patch sequence (Idefics3 / SmolVLM's connector:
+    #: ``(tiles, patches, channels), scale_factor -> (tiles, tokens, channels * scale_factor**2)``, a token per
+    #: ``scale_factor`` x ``scale_factor`` block of patches); None: one token per patch
+    sequence_shuffle: str | None = None
+    #: the views an image is seen in, in the order of its tiles, each its own patch group
+    #: (``related_patches@<view>``): Idefics3's ``tiles`` (the crops) and ``global`` (the whole image, last);
+    #: () for one view
+    patch_views: tuple[str, ...] = ()
 
 
 _QWEN_VL = dict(
@@ -52,6 +60,14 @@ _QWEN_VL = dict(
     image_markers=("<|vision_start|>", "<|vision_end|>"),
     paper_template="qwen_vl",
     pixel_layout="merged_patches",
+)
+
+#: Idefics3 / SmolVLM v1 (``Idefics3Config``): the text tokens the processor writes around and between the
+#: image's tokens (its tiles' ``<row_r_col_c>`` tags, up to the processor's 6 x 6, and the global image's tag)
+_IDEFICS3_MARKERS = (
+    "<fake_token_around_image>",
+    "<global-img>",
+    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
 )
 
 #: The supported families, most specific first.
@@ -70,6 +86,16 @@ FAMILIES = (
         pack_image_features="model.pack_image_features",  # (image_sizes, image_newline, vision_aspect_ratio)
         paper_template="qwen_1_5",
         image_only_processor="LlavaOnevisionProcessor",
+    ),
+    Family(
+        "idefics3",
+        "Idefics3Config",
+        "Idefics3ForConditionalGeneration",
+        text_model="model.text_model",
+        image_markers=_IDEFICS3_MARKERS,
+        paper_template="idefics3",
+        sequence_shuffle="model.connector.pixel_shuffle",
+        patch_views=("tiles", "global"),
     ),
     Family(
         "qwen2-vl",
@@ -105,7 +131,7 @@ def family_of(config: Any) -> Family:
         f"(architectures={getattr(config, 'architectures', None)}). "
         f"mmflow supports {', '.join(f.model_class for f in FAMILIES)} checkpoints in the Hugging Face format, "
         "e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-0.5b-ov-hf, "
-        "Qwen/Qwen2-VL-2B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct."
+        "Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct or HuggingFaceTB/SmolVLM-256M-Instruct."
     )
 
 

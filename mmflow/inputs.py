@@ -19,6 +19,7 @@ from mmflow.paper import (
     LLAMA3_SUFFIX,
     LLAMA3_SYSTEM,
     PAPER_USER,
+    idefics3_prompt,
     llava15_prompt,
     qwen15_prompt,
     qwen_vl_prompt,
@@ -53,8 +54,8 @@ def paper_template(processor, config) -> str:
 
     Returns:
         The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
-        LLaVA-OneVision); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has Llama-3's header
-        tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
+        LLaVA-OneVision, ``"idefics3"`` for Idefics3 / SmolVLM v1); for LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"``
+        if the tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for another Llama backbone (Vicuna).
 
     Raises:
         MmflowError: for a LLaVA backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.
@@ -88,7 +89,10 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
             ``<|vision_start|><|image_pad|><|vision_end|>{question}\\n<instruction>`` (:func:`~mmflow.paper.
             qwen_vl_prompt`), which is exactly what ``"processor"`` gives with the released chat template;
             LLaVA-OneVision the ``qwen_1_5`` conversation of its training code (same system prompt, ``<image>\\n``
-            before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give.
+            before the question: :func:`~mmflow.paper.qwen15_prompt`), which the llava-hf template does not give;
+            Idefics3 / SmolVLM v1 the released chat template's turn ``<bos>User:<image>{question}\\n<instruction>
+            <end_of_utterance>\\nAssistant:`` (:func:`~mmflow.paper.idefics3_prompt`, ``<bos>`` the tokenizer's
+            BOS), which is exactly what ``"processor"`` gives with the released chat template.
             ``"processor"``: the processor's chat template if it has one (the question, a newline and the
             instruction as the user's text after the image), else the LLaVA-1.5 form without a system prompt.
         config: the model's config (needed for ``"paper"``).
@@ -97,6 +101,8 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
         template = paper_template(processor, config)
         if template in ("qwen_vl", "qwen_1_5"):
             return (qwen_vl_prompt if template == "qwen_vl" else qwen15_prompt)(question)
+        if template == "idefics3":
+            return idefics3_prompt(question, processor.tokenizer.bos_token or "")
         if template == "vicuna_v1":
             return vicuna_prompt(question)
         messages = [
@@ -124,8 +130,10 @@ def tokens_in_span(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) ->
 
 
 def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
-    """Positions of the text tokens that frame the image (Qwen's ``<|vision_start|>``/``<|vision_end|>``), by
-    token id; empty for a family without such tokens (LLaVA).
+    """Positions of the text tokens that frame the image (Qwen's ``<|vision_start|>``/``<|vision_end|>``, Idefics3's
+    ``<fake_token_around_image>``, ``<row_r_col_c>`` and ``<global-img>``), by token id, and of any other text
+    token inside the block they frame with the image tokens (Idefics3's newlines after each row of tiles); empty
+    for a family without such tokens (LLaVA).
 
     Raises:
         MmflowError: if the tokenizer lacks one of the family's marker tokens.
@@ -135,7 +143,15 @@ def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
     unknown = [t for t, i in zip(markers, marker_ids) if i is None or i == processor.tokenizer.unk_token_id]
     if unknown:
         raise MmflowError(f"The tokenizer has no token {unknown[0]!r}, which this model family frames images with")
-    return torch.isin(ids, torch.tensor(marker_ids, dtype=ids.dtype)).nonzero().flatten().tolist() if markers else []
+    if not markers:
+        return []
+    found = torch.isin(ids, torch.tensor(marker_ids, dtype=ids.dtype))
+    if not found.any():
+        return []
+    block = (found | (ids == processor.image_token_id)).nonzero().flatten()
+    inside = torch.zeros_like(found)
+    inside[int(block[0]) : int(block[-1]) + 1] = True
+    return (inside & (ids != processor.image_token_id)).nonzero().flatten().tolist()
 
 
 @dataclass
@@ -154,14 +170,22 @@ class Encoded:
         return int(self.inputs["input_ids"].shape[1])
 
 
-def _expanded_offsets(prompt: str, image_token: str, n_image: int, offsets: torch.Tensor) -> list[tuple[int, int]]:
+def _expanded_offsets(
+    prompt: str, image_token: str, n_image: int, offsets: torch.Tensor, expansion_end: int | None = None
+) -> list[tuple[int, int]]:
     """Token offsets mapped from the processor's image-expanded text back to ``prompt`` coordinates.
 
-    Every image token maps to the span of the single ``image_token`` placeholder in ``prompt``.
+    Every token of the expansion maps to the span of the single ``image_token`` placeholder in ``prompt``: the
+    expansion ends at ``expansion_end`` (the processor's own record of its replacement, which may hold text besides
+    the image tokens, e.g. Idefics3's tile tags and newlines), else after ``n_image`` copies of ``image_token``.
+
+    Example:
+        >>> _expanded_offsets("a<I>b", "<I>", 1, torch.tensor([[0, 1], [1, 3], [3, 6], [6, 9], [9, 10]]), 9)
+        [(0, 1), (1, 4), (1, 4), (1, 4), (4, 5)]
     """
     first = prompt.find(image_token)
-    run_end = first + len(image_token) * n_image  # end of the expanded image run
-    shift = (n_image - 1) * len(image_token)
+    run_end = first + len(image_token) * n_image if expansion_end is None else expansion_end  # end of the expansion
+    shift = run_end - first - len(image_token)
     out = []
     for a, b in offsets.tolist():
         if first < 0 or b <= first:
@@ -222,12 +246,15 @@ def encode(
         images=model_view(to_rgb(image), processor, config, inputs),
         text=prompt,
         return_offsets_mapping=True,
+        return_text_replacement_offsets=True,
         return_tensors="pt",
     )
     offsets_t = batch.pop("offset_mapping")[0]
+    replaced = batch.pop("text_replacement_offsets", None)  # the processor's record of the image's expansion
+    expansion_end = int(replaced[0][0]["new_span"][1]) if replaced and replaced[0] else None
     ids = batch["input_ids"][0]
     image_pos = (ids == processor.image_token_id).nonzero().flatten().tolist()
-    offsets = _expanded_offsets(prompt, processor.image_token, len(image_pos), offsets_t)
+    offsets = _expanded_offsets(prompt, processor.image_token, len(image_pos), offsets_t, expansion_end)
     groups: dict[str, list[int]] = {
         "image": image_pos,
         "question": tokens_in_span(offsets, q_span),

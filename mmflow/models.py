@@ -20,6 +20,11 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .model.get_rope_index                        M-RoPE: (3, n) position ids (t, h, w)     <- fast knockout
       .model.language_model                        Qwen2 decoder: .layers, .rotary_emb, .norm as above
       .lm_head                                     unembedding                                <- logit lens
+    Idefics3ForConditionalGeneration               Idefics3, SmolVLM v1: image split into rows x cols tiles + a global
+      .model.vision_model                          image; SigLIP-style tower per tile
+      .model.connector.pixel_shuffle               scale x scale patches into one token      <- patch geometry
+      .model.text_model                            Llama decoder (not .language_model): .layers, .rotary_emb, .norm
+      .lm_head                                     unembedding                                <- logit lens
 
 Adding a family is one :class:`~mmflow.families.Family` entry plus a test that loads a tiny checkpoint of it.
 """
@@ -304,6 +309,13 @@ def position_ids(model: LlavaModel, inputs: dict[str, torch.Tensor]) -> torch.Te
     names = ("input_ids", "image_grid_thw", "attention_mask", "mm_token_type_ids")
     ids, _ = _attr(model, path)(**{name: inputs.get(name) for name in names})
     return ids[:, 0]
+
+
+def sequence_shuffle(model: LlavaModel) -> Any:
+    """The family's pixel shuffle over a tile's patch sequence (see :attr:`~mmflow.families.Family.sequence_shuffle`),
+    or None for a family with one token per patch."""
+    path = family_of(model).sequence_shuffle
+    return _attr(model, path) if path else None
 
 
 def pack_image_features(model: LlavaModel) -> Any:

@@ -57,6 +57,10 @@ QWEN_VL_TEMPLATE = (
 QWEN15_TEMPLATE = (
     "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\n{text}<|im_end|>\n<|im_start|>assistant\n"
 )
+#: The official Idefics3 / SmolVLM turn (the released chat templates): the template's opening token (the tokenizer's
+#: BOS: Idefics3-8B's ``<|begin_of_text|>``, SmolVLM's ``<|im_start|>``), ``User:`` right before the image, no system
+#: prompt, the turn closed by ``<end_of_utterance>``.
+IDEFICS3_TEMPLATE = "{bos}User:<image>{text}<end_of_utterance>\nAssistant:"
 
 #: The paper's flows as (source group, target group): the target's attention to the source is blocked.
 FLOWS = {
@@ -131,6 +135,20 @@ def qwen15_prompt(question: str) -> str:
         <BLANKLINE>
     """
     return QWEN15_TEMPLATE.format(system=QWEN_VL_SYSTEM, text=f"{question}\n{INSTRUCTION}")
+
+
+def idefics3_prompt(question: str, bos: str) -> str:
+    """The official Idefics3 / SmolVLM prompt for ``question`` (the image, the question and the paper's short-answer
+    instruction in the user's turn), as the released chat templates render it; ``bos`` is the template's opening
+    token (the tokenizer's BOS).
+
+    Example:
+        >>> print(idefics3_prompt("Q?", "<|im_start|>"))
+        <|im_start|>User:<image>Q?
+        Answer the question using a single word or phrase.<end_of_utterance>
+        Assistant:
+    """
+    return IDEFICS3_TEMPLATE.format(bos=bos, text=f"{question}\n{INSTRUCTION}")
 
 
 def default_window(n_layers: int) -> int:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mmflow.errors import MmflowError
-from mmflow.models import LlavaModel, family_of, pack_image_features
+from mmflow.models import LlavaModel, family_of, pack_image_features, sequence_shuffle
 
 #: Labels of image tokens: the patch overlaps a box, does not, or is no patch (CLS, row-newline token).
 RELATED, OTHER, NEITHER = 1.0, 0.0, -1.0
@@ -97,13 +97,20 @@ def image_token_labels(
     """Label of every image token of an image of ``size`` (W, H): RELATED, OTHER, or NEITHER (CLS, newline).
 
     The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, Qwen's
-    smart_resize into 28 px cells, with nearest-neighbour resampling and no normalisation) and, for anyres families,
-    the model's own feature packing (unpadding, newline tokens, and OneVision's bilinear downsampling of large grids,
-    after which a token is RELATED if any related patch contributes to it).
+    smart_resize into 28 px cells, Idefics3's tiles and global image, with nearest-neighbour resampling and no
+    normalisation) and, for anyres families, the model's own feature packing (unpadding, newline tokens, and
+    OneVision's bilinear downsampling of large grids, after which a token is RELATED if any related patch contributes
+    to it), for Idefics3 the model's own pixel shuffle (a token is RELATED if any of its patches is).
 
     Returns:
         A float tensor of shape ``(n_image_tokens,)``.
     """
+    return _labels_and_views(model, processor, size, boxes, inputs)[0]
+
+
+def _labels_and_views(model: LlavaModel, processor, size, boxes, inputs: str) -> tuple[torch.Tensor, list[str]]:
+    """:func:`image_token_labels` and the view of each token (:attr:`~mmflow.families.Family.patch_views`: the last
+    tile is the last view, the others the first; all ``""`` for a family seen in one view)."""
     from transformers.image_utils import PILImageResampling
 
     mask = model_view(box_mask(size, boxes), processor, model, inputs)  # padding is mean colour: "other"
@@ -113,11 +120,18 @@ def image_token_labels(
     cfg = model.config
     patch = cfg.vision_config.patch_size
     if family_of(model).pixel_layout == "merged_patches":
-        return _merged_labels(pixels["pixel_values"], processor.image_processor)
+        return _one_view(_merged_labels(pixels["pixel_values"], processor.image_processor))
     tiles = pixels["pixel_values"][0]
     if tiles.dim() == 3:
         tiles = tiles[None]
     per_tile = torch.stack([_patch_labels(tile, patch) for tile in tiles])  # (n_tiles, patches)
+    shuffle = sequence_shuffle(model)
+    if shuffle is not None:  # Idefics3: the model's own pixel shuffle, scale x scale patches per token
+        blocks = shuffle(per_tile[..., None], cfg.scale_factor)  # (n_tiles, tokens, scale**2)
+        labels = torch.where((blocks == RELATED).any(-1), RELATED, OTHER)  # (n_tiles, tokens)
+        views = family_of(model).patch_views or ("",)
+        tile_views = [views[-1] if t == len(tiles) - 1 else views[0] for t in range(len(tiles))]
+        return labels.flatten(), [view for view in tile_views for _ in range(labels.shape[1])]
     strategy = cfg.vision_feature_select_strategy
     cls_kept = strategy == "full" and any(hasattr(m, "class_embedding") for m in model.modules())  # CLIP, not SigLIP
     pack = pack_image_features(model)
@@ -130,9 +144,14 @@ def image_token_labels(
             options = {"vision_feature_select_strategy": strategy}
         packed, _ = pack([per_tile[..., None]], pixels["image_sizes"], image_newline=torch.tensor([NEITHER]), **options)
         labels = packed[0][:, 0]  # a downsampled token is related if any related patch contributes to it
-        return torch.where(labels == NEITHER, NEITHER, torch.where(labels > OTHER, RELATED, OTHER))
+        return _one_view(torch.where(labels == NEITHER, NEITHER, torch.where(labels > OTHER, RELATED, OTHER)))
     labels = per_tile[0]
-    return torch.cat([torch.tensor([NEITHER]), labels]) if cls_kept else labels
+    return _one_view(torch.cat([torch.tensor([NEITHER]), labels]) if cls_kept else labels)
+
+
+def _one_view(labels: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """``labels`` of an image seen in one view (every token's view ``""``)."""
+    return labels, [""] * len(labels)
 
 
 def _merged_labels(rows: torch.Tensor, image_processor) -> torch.Tensor:
@@ -162,7 +181,10 @@ def patch_groups(
     boxes: Sequence[Sequence[float]],
     inputs: str = "processor",
 ) -> dict[str, list[int]]:
-    """``related_patches`` / ``other_patches``: image-token positions whose patch overlaps any box, or none.
+    """``related_patches`` / ``other_patches``: image-token positions whose patch overlaps any box, or none, over
+    all the views an image is seen in; for a family with :attr:`~mmflow.families.Family.patch_views` also per view,
+    e.g. Idefics3's ``related_patches@tiles`` and ``related_patches@global`` (``@tiles`` empty when the image is
+    not split).
 
     Args:
         image_positions: positions of the image tokens in the language model's sequence.
@@ -173,21 +195,25 @@ def patch_groups(
     Raises:
         MmflowError: if the processor and the model disagree on the number of image tokens.
     """
-    labels = image_token_labels(model, processor, size, boxes, inputs)
+    labels, views = _labels_and_views(model, processor, size, boxes, inputs)
     if len(labels) != len(image_positions):
         raise MmflowError(
             f"{len(labels)} patch labels for {len(image_positions)} image tokens: processor and model disagree"
         )
-    return {
-        "related_patches": [p for p, lab in zip(image_positions, labels.tolist()) if lab == RELATED],
-        "other_patches": [p for p, lab in zip(image_positions, labels.tolist()) if lab == OTHER],
-    }
+    rows = list(zip(image_positions, labels.tolist(), views))
+    groups = {}
+    for view in ("", *family_of(model).patch_views):  # the union over views, then each view on its own
+        suffix = f"@{view}" if view else ""
+        groups[f"related_patches{suffix}"] = [p for p, lab, v in rows if lab == RELATED and view in ("", v)]
+        groups[f"other_patches{suffix}"] = [p for p, lab, v in rows if lab == OTHER and view in ("", v)]
+    return groups
 
 
 def base_patch_grid(
     model: LlavaModel, processor, image: Image.Image, boxes: Sequence[Sequence[float]], inputs: str = "processor"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(processed base tile as HxWx3 uint8, labels of its patch grid): what the overlays show."""
+    """(processed base tile as HxWx3 uint8, labels of its patch grid): what the overlays show (Idefics3: the global
+    image and its tokens)."""
     from transformers.image_utils import PILImageResampling
 
     labels = image_token_labels(model, processor, image.size, boxes, inputs)
@@ -200,6 +226,11 @@ def base_patch_grid(
         merge = processor.image_processor.merge_size
         _, grid_h, grid_w = (int(x) for x in processed["image_grid_thw"][0])
         grid = labels.view(grid_h // merge, grid_w // merge).numpy()
+        return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
+    if family_of(model).sequence_shuffle:  # Idefics3: the global image (the last tile, or the only one)
+        cfg = model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.scale_factor
+        base, grid = processed["pixel_values"][0][-1], labels[-side * side :].view(side, side).numpy()
         return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     grid = labels[labels != NEITHER][: side * side].view(side, side).numpy()

@@ -85,7 +85,12 @@ def build_tiny_idefics3(folder: Path, layers: int = 6, seed: int = 0) -> Path:
         pad_token_id=tok.pad_token_id,
     )
     vision = Idefics3VisionConfig(
-        image_size=TILE, patch_size=PATCH, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+        image_size=TILE,
+        patch_size=PATCH,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
     )
     config = Idefics3Config(
         vision_config=vision.to_dict(),

@@ -1,4 +1,4 @@
-"""mmflow: attention knockout and logit lens for LLaVA-style (1.5, NeXT, OneVision) and Qwen2/2.5-VL models.
+"""mmflow: attention knockout and logit lens for LLaVA-style (1.5, NeXT, OneVision), Qwen2/2.5-VL and Idefics3 models.
 
 Modules, from the leaves up (each imports only from modules above it):
 
@@ -7,7 +7,7 @@ paper        the paper's vocabulary: tasks, flows, prompt template, window rule 
 errors       :class:`MmflowError`
 images       image files to RGB (one conversion for runs and check-data), the image folder, boxes against the image
 checkpoints  checkpoint folders checked before any weight loads; hub ids found in the local cache first
-families     the model-family table (LLaVA-1.5 / NeXT / OneVision, Qwen2-VL / 2.5-VL), processor building
+families     the model-family table (LLaVA-1.5 / NeXT / OneVision, Qwen2-VL / 2.5-VL, Idefics3 / SmolVLM v1), processors
 models       strict loading, where layers / rotary (and M-RoPE positions) / final norm / feature packing live
 identity     a model's identity: the SHA-256 of every file of its checkpoint (cache keys, figure provenance)
 patches      box masks through the processor's geometry: related / other image patches

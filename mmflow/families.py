@@ -33,7 +33,8 @@ class Family:
     #: multimodal rotary positions: the model's own ``(input_ids, image_grid_thw, attention_mask,
     #: mm_token_type_ids) -> ((3, batch, n) position ids, deltas)``; None: position i is i (1-D rotary)
     rope_index: str | None = None
-    #: text tokens that frame an image's tokens (own group ``image_markers``, never in ``image``)
+    #: text tokens that frame an image's tokens (own group ``image_markers``, never in ``image``, with any other text
+    #: token inside the block they frame, e.g. Idefics3's newlines between rows of tiles)
     image_markers: tuple[str, ...] = ()
     #: the official prompt ``inputs="paper"`` builds (see :func:`mmflow.inputs.paper_template`); None: chosen by
     #: the backbone (the paper's Vicuna / Llama-3 templates)

@@ -221,6 +221,23 @@ def test_fast_equals_naive(idefics3, window, budget):
     assert (naive.p_base - fast_rows.p_base).abs().max() <= 1e-6
 
 
+def test_fast_equals_naive_under_eager_attention(idefics3_dir):
+    """Under eager attention the knockout wraps the Llama backbone's own attention function: both engines agree."""
+    model, processor = mu.load_model(str(idefics3_dir))
+    model.set_attn_implementation("eager")
+    assert model.config.get_text_config()._attn_implementation == "eager"
+    enc = encoded_example(model, processor)
+    naive = mu.knockout_sweep(model, enc, FLOWS, window=3, engine="naive")
+    fast_rows = mu.knockout_sweep(model, enc, FLOWS, window=3, engine="fast", token_budget=16)
+    assert (naive.p_new - fast_rows.p_new).abs().max() <= 1e-5
+    for row in naive[naive.flow == "Image->Question"].itertuples():  # and the naive one matches the oracle
+        sources, targets = mu.flow_positions(row.flow, enc.groups)
+        expected = oracle_p(
+            model, enc, int(row.answer_token), sources, targets, range(row.window_start, row.window_end + 1)
+        )
+        assert abs(row.p_new - expected) <= 1e-5, row.layer
+
+
 def test_logit_lens_top_is_the_output(idefics3):
     model, processor = idefics3
     enc = encoded_example(model, processor)

@@ -63,12 +63,20 @@ _QWEN_VL = dict(
     pixel_layout="merged_patches",
 )
 
-#: Idefics3 / SmolVLM v1 (``Idefics3Config``): the text tokens the processor writes around and between the
-#: image's tokens (its tiles' ``<row_r_col_c>`` tags, up to the processor's 6 x 6, and the global image's tag)
-_IDEFICS3_MARKERS = (
-    "<fake_token_around_image>",
-    "<global-img>",
-    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
+#: Idefics3 / SmolVLM v1 (``Idefics3Config``) and SmolVLM2 (``SmolVLMConfig``): the text model at
+#: ``model.text_model``; the text tokens the processor writes around and between the image's tokens (its tiles'
+#: ``<row_r_col_c>`` tags, up to the processor's 6 x 6, and the global image's tag); tiles + a global image, each
+#: through the connector's pixel shuffle
+_IDEFICS3 = dict(
+    text_model="model.text_model",
+    image_markers=(
+        "<fake_token_around_image>",
+        "<global-img>",
+        *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
+    ),
+    paper_template="idefics3",
+    sequence_shuffle="model.connector.pixel_shuffle",
+    patch_views=("tiles", "global"),
 )
 
 #: The supported families, most specific first.
@@ -88,15 +96,13 @@ FAMILIES = (
         paper_template="qwen_1_5",
         image_only_processor="LlavaOnevisionProcessor",
     ),
+    Family("idefics3", "Idefics3Config", "Idefics3ForConditionalGeneration", **_IDEFICS3),
     Family(
-        "idefics3",
-        "Idefics3Config",
-        "Idefics3ForConditionalGeneration",
-        text_model="model.text_model",
-        image_markers=_IDEFICS3_MARKERS,
-        paper_template="idefics3",
-        sequence_shuffle="model.connector.pixel_shuffle",
-        patch_views=("tiles", "global"),
+        "smolvlm",
+        "SmolVLMConfig",
+        "SmolVLMForConditionalGeneration",
+        image_only_processor="SmolVLMProcessor",
+        **_IDEFICS3,
     ),
     Family(
         "qwen2-vl",
@@ -132,7 +138,8 @@ def family_of(config: Any) -> Family:
         f"(architectures={getattr(config, 'architectures', None)}). "
         f"mmflow supports {', '.join(f.model_class for f in FAMILIES)} checkpoints in the Hugging Face format, "
         "e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-0.5b-ov-hf, "
-        "Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct or HuggingFaceTB/SmolVLM-256M-Instruct."
+        "Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct, HuggingFaceTB/SmolVLM-256M-Instruct or "
+        "HuggingFaceTB/SmolVLM2-256M-Video-Instruct."
     )
 
 
@@ -140,16 +147,31 @@ def family_of(config: Any) -> Family:
 def _image_only(processor_class: type) -> type:
     """``processor_class`` without its video processor: the same class (name, constructor, call, chat template)
     whose sub-processors are only the image processor and the tokenizer, so no video processor (which needs
-    torchvision) is loaded or class-checked (one class per processor class)."""
+    torchvision) is loaded or class-checked; a constructor that takes the video processor as a required argument
+    (SmolVLM's) gets None, and chat templates are rendered by :class:`~transformers.ProcessorMixin`'s own
+    ``apply_chat_template`` (SmolVLM's override only adds the video processor's frame defaults, which it would
+    read from the missing video processor) (one class per processor class)."""
+    from transformers import ProcessorMixin
+
 
     def get_attributes(cls) -> list[str]:
         return [name for name in processor_class.get_attributes() if "video" not in name]
 
-    return type(
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):  # a constructor that needs it gets None
+        dropped = {name: None for name in processor_class.get_attributes() if "video" in name}
+        return super(image_only, cls).from_args_and_dict(args, processor_dict, **kwargs, **dropped)
+
+    image_only = type(
         processor_class.__name__,
         (processor_class,),
-        {"get_attributes": classmethod(get_attributes), "__module__": __name__},
+        {
+            "get_attributes": classmethod(get_attributes),
+            "from_args_and_dict": classmethod(from_args_and_dict),
+            "apply_chat_template": ProcessorMixin.apply_chat_template,
+            "__module__": __name__,
+        },
     )
+    return image_only
 
 
 def build_processor(path: str, config: Any, options: dict[str, Any]) -> Any:

@@ -20,7 +20,8 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .model.get_rope_index                        M-RoPE: (3, n) position ids (t, h, w)     <- fast knockout
       .model.language_model                        Qwen2 decoder: .layers, .rotary_emb, .norm as above
       .lm_head                                     unembedding                                <- logit lens
-    Idefics3ForConditionalGeneration               Idefics3, SmolVLM v1: image split into rows x cols tiles + a global
+    Idefics3ForConditionalGeneration               Idefics3, SmolVLM v1 (SmolVLMForConditionalGeneration: SmolVLM2,
+                                                   same map): image split into rows x cols tiles + a global
       .model.vision_model                          image; SigLIP-style tower per tile
       .model.connector.pixel_shuffle               scale x scale patches into one token      <- patch geometry
       .model.text_model                            Llama decoder (not .language_model): .layers, .rotary_emb, .norm
@@ -215,7 +216,7 @@ def _processor(located: Any, config: Any, where: Any) -> Any:
     full processor needs torchvision and it is missing)."""
     try:
         return build_processor(located.path, config, _safe(located))
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, ImportError) as err:  # ImportError: e.g. SmolVLM's without num2words
         raise MmflowError(f"Checkpoint {where}: its processor cannot be loaded ({_first_line(err)})") from None
 
 

@@ -1,6 +1,7 @@
-"""Idefics3 (the class of SmolVLM v1): a tiny replica saved like a hub folder and loaded through the normal loader;
-its prompt, groups (image tokens apart from the tile tags, global tag and newlines), tile + global patch geometry
-against written-out arithmetic, per-view groups, engines (against an independent oracle and each other), lens."""
+"""Idefics3 (the class of SmolVLM v1) and SmolVLM2: tiny replicas saved like hub folders and loaded through the
+normal loader; their prompt, groups (image tokens apart from the tile tags, global tag and newlines), tile + global
+patch geometry against written-out arithmetic, per-view groups, engines (against an independent oracle and each
+other), lens."""
 
 from __future__ import annotations
 
@@ -28,14 +29,47 @@ SIZE, BOX = (150, 100), (90, 8, 40, 30)  # a box in the upper right: 2 x 2 tiles
 CELL = PATCH * SCALE  # the pixels of one image token in its tile
 
 
-@pytest.fixture(scope="module")
-def idefics3_dir(tmp_path_factory):
-    return build_tiny_idefics3(tmp_path_factory.mktemp("idefics3") / "idefics3")
+KINDS = ("idefics3", "smolvlm")
 
 
 @pytest.fixture(scope="module")
-def idefics3(idefics3_dir):
-    return mu.load_model(str(idefics3_dir))
+def num2words_stub():
+    """SmolVLM's processor refuses to start without the num2words package, which only its video prompts call (to
+    spell out a frame count); where it is not installed a stub stands in, for this module only."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    with pytest.MonkeyPatch.context() as patch:
+        if processing_smolvlm.num2words is None:
+            patch.setattr(processing_smolvlm, "num2words", str)
+        yield
+
+
+@pytest.fixture(scope="module")
+def idefics3_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("idefics3")
+    return {kind: build_tiny_idefics3(root / kind, kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def idefics3_dir(idefics3_dirs):
+    return idefics3_dirs["idefics3"]
+
+
+@pytest.fixture(scope="module")
+def family(idefics3_dirs, num2words_stub):
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = mu.load_model(str(idefics3_dirs[kind]))
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def idefics3(family):
+    return family("idefics3")
 
 
 def encoded_example(model, processor, inputs="paper", size=SIZE, box=BOX):
@@ -104,20 +138,34 @@ def expected_labels(size, box):
     return labels + tile(gy, gx, 0, 0), rows, cols
 
 
-def test_loads_through_the_normal_loader(idefics3, idefics3_dir):
+@pytest.mark.parametrize("kind", KINDS)
+def test_loads_through_the_normal_loader(family, idefics3_dirs, kind):
     import transformers
+    from transformers.utils import is_torchvision_available
 
-    model, processor = idefics3
-    family = models.family_of(model)
-    assert family.name == "idefics3" and models.text_model(model) is model.model.text_model
+    model, processor = family(kind)
+    prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[kind]
+    assert models.family_of(model).name == kind and models.text_model(model) is model.model.text_model
     assert type(models.text_model(model)).__name__ == "LlamaModel" and not hasattr(model.model, "language_model")
-    assert type(processor).__name__ == "Idefics3Processor" and processor.image_seq_len == TOKENS_PER_TILE
-    assert type(processor.image_processor).__name__ == "Idefics3ImageProcessorPil"
+    assert type(processor).__name__ == f"{prefix}Processor" and processor.image_seq_len == TOKENS_PER_TILE
+    assert type(processor.image_processor).__name__ == f"{prefix}ImageProcessorPil"
+    if kind == "smolvlm" and not is_torchvision_available():  # image-only: no video processor, not even None
+        assert "video_processor" not in type(processor).get_attributes()
     assert processor.chat_template == SMOLVLM_CHAT_TEMPLATE and models.num_layers(model) == 6
     assert models.eager_attention(model) is transformers.models.llama.modeling_llama.eager_attention_forward
     assert models.final_norm(model) is model.model.text_model.norm
-    skeleton, skeleton_processor = models.load_processor(str(idefics3_dir))
+    skeleton, skeleton_processor = models.load_processor(str(idefics3_dirs[kind]))
     assert next(skeleton.parameters()).device.type == "meta" and type(skeleton_processor) is type(processor)
+
+
+def test_smolvlm_without_num2words_is_refused_naming_it(idefics3_dirs, monkeypatch):
+    """SmolVLM2's processor needs the num2words package: without it the loader says so (an MmflowError naming the
+    checkpoint and the package), before any weight loads."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    monkeypatch.setattr(processing_smolvlm, "num2words", None)
+    with pytest.raises(mu.MmflowError, match="processor cannot be loaded.*num2words"):
+        models.load_processor(str(idefics3_dirs["smolvlm"]))
 
 
 def test_a_missing_text_model_tensor_is_refused(idefics3_dir, tmp_path):
@@ -136,8 +184,9 @@ def test_a_missing_text_model_tensor_is_refused(idefics3_dir, tmp_path):
         mu.load_model(str(broken))
 
 
-def test_paper_prompt_is_the_official_template_and_groups(idefics3):
-    model, processor = idefics3
+@pytest.mark.parametrize("kind", KINDS)
+def test_paper_prompt_is_the_official_template_and_groups(family, kind):
+    model, processor = family(kind)
     enc = encoded_example(model, processor)
     assert enc.prompt == (
         f"<|im_start|>User:<image>{QUESTION}\nAnswer the question using a single word or phrase.<end_of_utterance>\n"
@@ -160,11 +209,17 @@ def test_paper_prompt_is_the_official_template_and_groups(idefics3):
 
 
 @pytest.mark.parametrize(
-    "size,box",
-    [(SIZE, BOX), ((100, 150), (5, 100, 30, 40)), ((200, 60), (120, 0, 60, 20)), ((64, 64), (20, 20, 1, 1))],
+    "kind,size,box",
+    [
+        ("idefics3", SIZE, BOX),
+        ("idefics3", (100, 150), (5, 100, 30, 40)),
+        ("idefics3", (200, 60), (120, 0, 60, 20)),
+        ("idefics3", (64, 64), (20, 20, 1, 1)),
+        ("smolvlm", (100, 150), (5, 100, 30, 40)),
+    ],
 )
-def test_patch_labels_against_tile_arithmetic(idefics3, size, box):
-    model, processor = idefics3
+def test_patch_labels_against_tile_arithmetic(family, kind, size, box):
+    model, processor = family(kind)
     labels = mu.image_token_labels(model, processor, size, [box]).tolist()
     expected, rows, cols = expected_labels(size, box)
     assert labels == expected and len(labels) == (rows * cols + 1) * TOKENS_PER_TILE
@@ -198,8 +253,9 @@ def test_an_image_not_split_is_the_global_view_only(idefics3, monkeypatch):
         mu.knockout_sweep(model, enc, ["related_patches@tiles->question"], window=3)
 
 
-def test_naive_equals_an_oracle_with_explicit_masks(idefics3):
-    model, processor = idefics3
+@pytest.mark.parametrize("kind", KINDS)
+def test_naive_equals_an_oracle_with_explicit_masks(family, kind):
+    model, processor = family(kind)
     enc = encoded_example(model, processor)
     naive = mu.knockout_sweep(model, enc, FLOWS, window=3, engine="naive")
     answer = int(naive.answer_token.iloc[0])
@@ -210,9 +266,9 @@ def test_naive_equals_an_oracle_with_explicit_masks(idefics3):
     assert naive.groupby("flow").rel_change.apply(lambda r: r.abs().max()).min() > 1e-3  # every flow does something
 
 
-@pytest.mark.parametrize("window,budget", [(3, 16), (5, 4096)])
-def test_fast_equals_naive(idefics3, window, budget):
-    model, processor = idefics3
+@pytest.mark.parametrize("kind,window,budget", [("idefics3", 3, 16), ("idefics3", 5, 4096), ("smolvlm", 3, 16)])
+def test_fast_equals_naive(family, kind, window, budget):
+    model, processor = family(kind)
     enc = encoded_example(model, processor)
     naive = mu.knockout_sweep(model, enc, FLOWS, window=window, engine="naive")
     fast_rows = mu.knockout_sweep(model, enc, FLOWS, window=window, engine="fast", token_budget=budget)
@@ -238,8 +294,9 @@ def test_fast_equals_naive_under_eager_attention(idefics3_dir):
         assert abs(row.p_new - expected) <= 1e-5, row.layer
 
 
-def test_logit_lens_top_is_the_output(idefics3):
-    model, processor = idefics3
+@pytest.mark.parametrize("kind", KINDS)
+def test_logit_lens_top_is_the_output(family, kind):
+    model, processor = family(kind)
     enc = encoded_example(model, processor)
     with torch.inference_mode():
         out = model(**enc.inputs, output_hidden_states=True)

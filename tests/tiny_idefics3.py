@@ -1,6 +1,6 @@
-"""A tiny random Idefics3 checkpoint (the class of SmolVLM v1: SigLIP-style tower, Llama backbone at
+"""Tiny random Idefics3 (the class of SmolVLM v1) and SmolVLM2 checkpoints (SigLIP-style tower, Llama backbone at
 ``model.text_model``, image splitting into tiles plus a global image, pixel shuffle) built from config and saved like
-a hub folder with its processor files, for loading through the normal loader."""
+hub folders with their processor files, for loading through the normal loader."""
 
 from __future__ import annotations
 
@@ -62,13 +62,34 @@ def idefics3_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_idefics3(folder: Path, layers: int = 6, seed: int = 0) -> Path:
-    """Save a tiny random Idefics3 model with its processor files to ``folder`` (as a hub folder lays them out:
-    preprocessor_config.json, processor_config.json, tokenizer files, chat_template.json); return the folder."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
-    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+def _classes(kind: str):
+    """(config, vision config, model, PIL image processor) classes and the hub names of the image processor and the
+    processor of ``kind``: "idefics3" (SmolVLM v1's class) or "smolvlm" (SmolVLM2)."""
+    import transformers
 
+    if kind == "idefics3":
+        from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig as vision
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil as pil
+
+        prefix = "Idefics3"
+    elif kind == "smolvlm":
+        from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig as vision
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil as pil
+
+        prefix = "SmolVLM"
+    else:
+        raise ValueError(kind)
+    config, model = getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForConditionalGeneration")
+    return config, vision, model, pil, f"{prefix}ImageProcessor", f"{prefix}Processor"
+
+
+def build_tiny_idefics3(folder: Path, kind: str = "idefics3", layers: int = 6, seed: int = 0) -> Path:
+    """Save a tiny random ``kind`` model ("idefics3" or "smolvlm") with its processor files to ``folder`` (as a hub
+    folder lays them out: preprocessor_config.json, processor_config.json, tokenizer files, chat_template.json);
+    return the folder."""
+    from transformers import LlamaConfig
+
+    config_class, vision_class, model_class, pil_class, image_processor_type, processor_class = _classes(kind)
     torch.manual_seed(seed)
     tok = idefics3_tokenizer()
     text = LlamaConfig(
@@ -84,7 +105,7 @@ def build_tiny_idefics3(folder: Path, layers: int = 6, seed: int = 0) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    vision = Idefics3VisionConfig(
+    vision = vision_class(
         image_size=TILE,
         patch_size=PATCH,
         hidden_size=32,
@@ -92,26 +113,26 @@ def build_tiny_idefics3(folder: Path, layers: int = 6, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
     )
-    config = Idefics3Config(
+    config = config_class(
         vision_config=vision.to_dict(),
         text_config=text.to_dict(),
         scale_factor=SCALE,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False,
     )
-    model = Idefics3ForConditionalGeneration(config)
+    model = model_class(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    image_processor = Idefics3ImageProcessorPil(
+    image_processor = pil_class(
         size={"longest_edge": LONGEST}, max_image_size={"longest_edge": TILE}, do_image_splitting=True
     )
     image_processor.save_pretrained(folder)
     path = folder / "preprocessor_config.json"
     content = json.loads(path.read_text())
-    content.update(image_processor_type="Idefics3ImageProcessor", processor_class="Idefics3Processor")
+    content.update(image_processor_type=image_processor_type, processor_class=processor_class)
     path.write_text(json.dumps(content, indent=2))
-    processor_config = {"processor_class": "Idefics3Processor", "image_seq_len": TOKENS_PER_TILE}
+    processor_config = {"processor_class": processor_class, "image_seq_len": TOKENS_PER_TILE}
     (folder / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": SMOLVLM_CHAT_TEMPLATE}))
     return folder

@@ -54,6 +54,9 @@ class Family:
     #: (``related_patches@<view>``): Idefics3's ``tiles`` (the crops) and ``global`` (the whole image, last);
     #: () for one view
     patch_views: tuple[str, ...] = ()
+    #: the family's prompts (its chat template, its official format) start with the BOS token as text, so the
+    #: tokenizer is asked to add none (Mistral-Small-3.1's tokenizer would add a second one)
+    bos_in_prompt: bool = False
 
 
 _QWEN_VL = dict(
@@ -77,6 +80,7 @@ _IDEFICS3 = dict(
     paper_template="idefics3",
     sequence_shuffle="model.connector.pixel_shuffle",
     patch_views=("tiles", "global"),
+    bos_in_prompt=True,  # the template writes the BOS; Idefics3-8B's Llama-3 tokenizer would add a second one
 )
 
 #: The supported families, most specific first.
@@ -152,7 +156,6 @@ def _image_only(processor_class: type) -> type:
     ``apply_chat_template`` (SmolVLM's override only adds the video processor's frame defaults, which it would
     read from the missing video processor) (one class per processor class)."""
     from transformers import ProcessorMixin
-
 
     def get_attributes(cls) -> list[str]:
         return [name for name in processor_class.get_attributes() if "video" not in name]

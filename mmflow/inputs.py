@@ -220,7 +220,8 @@ def encode(
         dtype: dtype of the pixel values (None: the processor's).
         inputs: ``"paper"`` (official prompt; single-tile images padded to a square with the mean colour) or
             ``"processor"`` (see :func:`build_prompt`).
-        config: the model's config (needed for ``"paper"`` and the ``image_markers`` group).
+        config: the model's config (needed for ``"paper"``, the ``image_markers`` group, and for a family whose
+            prompts spell the BOS token, Idefics3 / SmolVLM, which are then tokenized without adding another).
 
     Returns:
         The inputs and the groups ``image`` (all image-token positions after expansion), ``image_markers`` (the
@@ -248,6 +249,7 @@ def encode(
         return_offsets_mapping=True,
         return_text_replacement_offsets=True,
         return_tensors="pt",
+        **({"add_special_tokens": False} if config is not None and family_of(config).bos_in_prompt else {}),
     )
     offsets_t = batch.pop("offset_mapping")[0]
     replaced = batch.pop("text_replacement_offsets", None)  # the processor's record of the image's expansion

@@ -208,6 +208,22 @@ def test_paper_prompt_is_the_official_template_and_groups(family, kind):
     assert tok.decode([ids[p] for p in groups["false_option"]]).strip() == "right"
 
 
+def test_a_tokenizer_that_adds_a_bos_does_not_double_the_templates(idefics3_dir):
+    """Idefics3-8B's Llama-3 tokenizer puts its BOS in front of what it encodes, and the released template writes
+    it too: the family's prompts are tokenized without adding another, so the input starts with one BOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    skeleton, processor = models.load_processor(str(idefics3_dir))
+    tok = processor.tokenizer
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    assert tok("<|im_start|>User:")["input_ids"][:2] == [bos, bos]  # this tokenizer alone would give two
+    enc = mu.encode(processor, picture(), QUESTION, config=skeleton.config, inputs="paper")
+    ids = enc.inputs["input_ids"][0].tolist()
+    assert ids[0] == bos and bos not in ids[1:]
+    assert tok.decode([ids[p] for p in enc.groups["question"]]) == QUESTION
+
+
 @pytest.mark.parametrize(
     "kind,size,box",
     [

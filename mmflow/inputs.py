@@ -20,6 +20,7 @@ from mmflow.paper import (
     LLAMA3_SYSTEM,
     PAPER_USER,
     gemma3_prompt,
+    idefics3_prompt,
     internvl_prompt,
     llava15_prompt,
     mistral_prompt,
@@ -58,9 +59,9 @@ def paper_template(processor, config) -> str:
     Returns:
         The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
         LLaVA-OneVision, ``"qwen3_vl"`` for Qwen3-VL, ``"internvl2_5"`` for InternVL, ``"mistral"`` for
-        Pixtral-12B and Mistral-Small-3.1, ``"gemma3"`` for Gemma 3); for LLaVA-1.5 and LLaVA-NeXT
-        ``"llava_llama_3"`` if the tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for another Llama backbone
-        (Vicuna).
+        Pixtral-12B and Mistral-Small-3.1, ``"gemma3"`` for Gemma 3, ``"idefics3"`` for Idefics3 / SmolVLM); for
+        LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for
+        another Llama backbone (Vicuna).
 
     Raises:
         MmflowError: for a LLaVA backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.
@@ -104,7 +105,10 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
             adds its dated default system prompt);
             Gemma 3 its chat turn ``<bos><start_of_turn>user\\n<start_of_image>{question}\\n<instruction>
             <end_of_turn>\\n<start_of_turn>model\\n`` (:func:`~mmflow.paper.gemma3_prompt`), exactly what
-            ``"processor"`` gives with the released chat template.
+            ``"processor"`` gives with the released chat template;
+            Idefics3 / SmolVLM the released chat template's turn ``<bos>User:<image>{question}\\n<instruction>
+            <end_of_utterance>\\nAssistant:`` (:func:`~mmflow.paper.idefics3_prompt`, ``<bos>`` the tokenizer's
+            BOS), which is exactly what ``"processor"`` gives with the released chat template.
             ``"processor"``: the processor's chat template if it has one (the question, a newline and the
             instruction as the user's text after the image), else the LLaVA-1.5 form without a system prompt.
         config: the model's config (needed for ``"paper"``).
@@ -121,6 +125,8 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
         }
         if template in own:
             return own[template](question)
+        if template == "idefics3":
+            return idefics3_prompt(question, processor.tokenizer.bos_token or "")
         if template == "vicuna_v1":
             return vicuna_prompt(question)
         messages = [
@@ -148,8 +154,10 @@ def tokens_in_span(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) ->
 
 
 def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
-    """Positions of the text tokens that frame the image (Qwen's ``<|vision_start|>``/``<|vision_end|>``), by
-    token id; empty for a family without such tokens (LLaVA).
+    """Positions of the text tokens that frame the image (Qwen's ``<|vision_start|>``/``<|vision_end|>``, Idefics3's
+    ``<fake_token_around_image>``, ``<row_r_col_c>`` and ``<global-img>``), by token id, and of any other text
+    token inside the block they frame with the image tokens (Idefics3's newlines after each row of tiles); empty
+    for a family without such tokens (LLaVA).
 
     Raises:
         MmflowError: if the tokenizer lacks one of the family's marker tokens.
@@ -159,7 +167,16 @@ def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
     unknown = [t for t, i in zip(markers, marker_ids) if i is None or i == processor.tokenizer.unk_token_id]
     if unknown:
         raise MmflowError(f"The tokenizer has no token {unknown[0]!r}, which this model family frames images with")
-    return torch.isin(ids, torch.tensor(marker_ids, dtype=ids.dtype)).nonzero().flatten().tolist() if markers else []
+    if not markers:
+        return []
+    found = torch.isin(ids, torch.tensor(marker_ids, dtype=ids.dtype))
+    if not found.any():
+        return []
+    image = ids == config.image_token_id  # the tokens image features replace (Gemma 3: the soft tokens)
+    block = (found | image).nonzero().flatten()
+    inside = torch.zeros_like(found)
+    inside[int(block[0]) : int(block[-1]) + 1] = True
+    return (inside & ~image).nonzero().flatten().tolist()
 
 
 def _image_run(tokenizer, prompt: str, ids: torch.Tensor, image_pos: list[int]) -> list[int]:
@@ -261,8 +278,8 @@ def encode(
         inputs: ``"paper"`` (official prompt; single-tile images padded to a square with the mean colour) or
             ``"processor"`` (see :func:`build_prompt`).
         config: the model's config (needed for ``"paper"``, the ``image_markers`` group, for a family whose prompts
-            spell the BOS token, Pixtral / Mistral3 / Gemma 3, which are then tokenized without adding another, and
-            for Gemma 3's soft image tokens and the checkpoint's pan-and-scan options,
+            spell the BOS token, Pixtral / Mistral3 / Gemma 3 / Idefics3, which are then tokenized without adding
+            another, and for Gemma 3's soft image tokens and the checkpoint's pan-and-scan options,
             :func:`~mmflow.families.view_options`).
 
     Returns:
@@ -290,15 +307,18 @@ def encode(
         images=model_view(to_rgb(image), processor, config, inputs),
         text=prompt,
         return_offsets_mapping=True,
+        return_text_replacement_offsets=True,
         return_tensors="pt",
         **({"add_special_tokens": False} if config is not None and family_of(config).bos_in_prompt else {}),
         **(view_options(processor, config) if config is not None else {}),  # Gemma 3: the checkpoint's pan-and-scan
     )
     offsets_t = batch.pop("offset_mapping")[0]
+    replaced = batch.pop("text_replacement_offsets", None)  # the processor's record of the image's expansion
+    expansion_end = int(replaced[0][0]["new_span"][1]) if replaced and replaced[0] else None
     ids = batch["input_ids"][0]
     image_id = config.image_token_id if config is not None else processor.image_token_id  # Gemma 3: soft tokens
     image_pos = (ids == image_id).nonzero().flatten().tolist()  # the tokens image features replace
-    run_end = _run_end(processor, prompt, ids, image_pos, offsets_t)
+    run_end = expansion_end if expansion_end is not None else _run_end(processor, prompt, ids, image_pos, offsets_t)
     offsets = _expanded_offsets(prompt, processor.image_token, run_end, offsets_t)
     groups: dict[str, list[int]] = {
         "image": image_pos,

@@ -33,9 +33,11 @@ class Family:
     #: multimodal rotary positions: the model's own ``(input_ids, image_grid_thw, attention_mask,
     #: mm_token_type_ids) -> ((3, batch, n) position ids, deltas)``; None: position i is i (1-D rotary)
     rope_index: str | None = None
-    #: text tokens that frame an image's tokens (own group ``image_markers``, never in ``image``, with any other text
-    #: token inside the block they frame, e.g. Idefics3's newlines between rows of tiles)
+    #: text tokens that frame an image's tokens (own group ``image_markers``, never in ``image``)
     image_markers: tuple[str, ...] = ()
+    #: ``image_markers`` also holds every other text token from the first marker to the last (Idefics3's newlines
+    #: between rows of tiles); False: the marker tokens only (Gemma 3's pan-and-scan text between views is in no group)
+    markers_span_block: bool = False
     #: the official prompt ``inputs="paper"`` builds (see :func:`mmflow.inputs.paper_template`); None: chosen by
     #: the backbone (the paper's Vicuna / Llama-3 templates)
     paper_template: str | None = None
@@ -105,6 +107,7 @@ _IDEFICS3 = dict(
         *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
     ),
     paper_template="idefics3",
+    markers_span_block=True,
     sequence_shuffle="model.connector.pixel_shuffle",
     patch_views=("tiles", "global"),
     bos_in_prompt=True,  # the template writes the BOS; Idefics3-8B's Llama-3 tokenizer would add a second one

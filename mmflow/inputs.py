@@ -155,9 +155,9 @@ def tokens_in_span(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) ->
 
 def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
     """Positions of the text tokens that frame the image (Qwen's ``<|vision_start|>``/``<|vision_end|>``, Idefics3's
-    ``<fake_token_around_image>``, ``<row_r_col_c>`` and ``<global-img>``), by token id, and of any other text
-    token inside the block they frame with the image tokens (Idefics3's newlines after each row of tiles); empty
-    for a family without such tokens (LLaVA).
+    ``<fake_token_around_image>``, ``<row_r_col_c>`` and ``<global-img>``), by token id, and, for a family with
+    :attr:`~mmflow.families.Family.markers_span_block`, of any other text token inside the block they frame with
+    the image tokens (Idefics3's newlines after each row of tiles); empty for a family without such tokens (LLaVA).
 
     Raises:
         MmflowError: if the tokenizer lacks one of the family's marker tokens.
@@ -170,8 +170,8 @@ def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
     if not markers:
         return []
     found = torch.isin(ids, torch.tensor(marker_ids, dtype=ids.dtype))
-    if not found.any():
-        return []
+    if not found.any() or not family_of(config).markers_span_block:
+        return found.nonzero().flatten().tolist()
     image = ids == config.image_token_id  # the tokens image features replace (Gemma 3: the soft tokens)
     block = (found | image).nonzero().flatten()
     inside = torch.zeros_like(found)
@@ -179,44 +179,34 @@ def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
     return (inside & ~image).nonzero().flatten().tolist()
 
 
-def _image_run(tokenizer, prompt: str, ids: torch.Tensor, image_pos: list[int]) -> list[int]:
-    """Positions of the run the processor put in place of the image placeholder: the image tokens and the tokens
-    it inserted among and right after them (Pixtral's ``[IMG_BREAK]`` and ``[IMG_END]``: added tokens that the
-    prompt does not spell), never a marker the prompt itself carries (Qwen's ``<|vision_end|>``)."""
-    if not image_pos:
-        return []
-    added, images, run, i = tokenizer.get_added_vocab(), set(image_pos), [], image_pos[0]
-    while i < len(ids):
-        token = tokenizer.convert_ids_to_tokens(int(ids[i]))
-        if i not in images and (token not in added or token in prompt):
-            break
-        run.append(i)
-        i += 1
-    return run
-
-
-def _run_end(processor, prompt: str, ids: torch.Tensor, image_pos: list[int], offsets: torch.Tensor) -> int:
-    """Where, in the processor's expanded text, the run that replaced the image placeholder of ``prompt`` ends: after
-    the processor's own framed sequence where it has one (Gemma 3: ``\\n\\n<start_of_image>`` + soft tokens +
-    ``<end_of_image>\\n\\n``, with pan-and-scan crops inside its "Here is the original image ..." text, so the
-    run ends in text, not in a token), else after the last token of :func:`_image_run`; 0 without image tokens.
+def _replacement(processor, batch, image_pos: list[int]) -> tuple[tuple[int, int], int]:
+    """The image placeholder's span in the prompt and where, in the processor's expanded text, the run that
+    replaced it ends, from the processor's own record (``text_replacement_offsets``: ``span`` in the prompt,
+    ``new_span`` in the expanded text; whatever the run holds besides image tokens, e.g. Pixtral's ``[IMG_BREAK]``,
+    Idefics3's tile tags and newlines, Gemma 3's framed views and pan-and-scan text).
 
     Raises:
-        MmflowError: if the image tokens are not whole framed views (Gemma 3 without ``config``: the processor's
-            ``image_token_id`` is then the ``<start_of_image>`` marker, not the soft token).
+        MmflowError: naming the processor class if it returns no such record or no placeholder; if the image tokens
+            are not whole framed views (Gemma 3 without ``config``: the processor's ``image_token_id`` is then the
+            ``<start_of_image>`` marker, not the soft token).
     """
-    if getattr(processor, "full_image_sequence", None) is not None:
-        crops, rest = divmod(len(image_pos), processor.image_seq_length)
-        if crops < 1 or rest:
+    name = type(processor).__name__
+    replaced = batch.pop("text_replacement_offsets", None)
+    if not replaced or not replaced[0]:
+        raise MmflowError(
+            f"{name} returned no text_replacement_offsets for the image placeholder: mmflow needs the processor's "
+            "record of where the image's tokens go (a transformers processor built on ProcessorMixin's expansion)"
+        )
+    if getattr(processor, "full_image_sequence", None) is not None:  # Gemma 3: whole views of image_seq_length
+        views, rest = divmod(len(image_pos), processor.image_seq_length)
+        if views < 1 or rest:
             raise MmflowError(
-                f"{len(image_pos)} image tokens are not whole views of {processor.image_seq_length} for "
-                f"{type(processor).__name__}: pass the model's config (config=model.config), whose image_token_id "
-                "is the soft token the processor expands the image into"
+                f"{len(image_pos)} image tokens are not whole views of {processor.image_seq_length} for {name}: pass "
+                "the model's config (config=model.config), whose image_token_id is the soft token the processor "
+                "expands the image into"
             )
-        crops -= 1
-        return prompt.find(processor.image_token) + len(processor.replace_image_token({"num_crops": [crops]}, 0))
-    run = _image_run(processor.tokenizer, prompt, ids, image_pos)
-    return int(offsets[run[-1], 1]) if run else 0
+    first = replaced[0][0]
+    return (int(first["span"][0]), int(first["span"][1])), int(first["new_span"][1])
 
 
 @dataclass
@@ -235,22 +225,26 @@ class Encoded:
         return int(self.inputs["input_ids"].shape[1])
 
 
-def _expanded_offsets(prompt: str, image_token: str, run_end: int, offsets: torch.Tensor) -> list[tuple[int, int]]:
+def _expanded_offsets(span: tuple[int, int], run_end: int, offsets: torch.Tensor) -> list[tuple[int, int]]:
     """Token offsets mapped from the processor's image-expanded text back to ``prompt`` coordinates.
 
-    The single ``image_token`` placeholder of ``prompt`` became a run ending at character ``run_end`` of the
-    expanded text; every token of the run maps to the placeholder's span.
+    The image placeholder at ``span`` of the prompt became a run ending at character ``run_end`` of the expanded
+    text; every token of the run maps to the placeholder's span, every token after it shifts back.
+
+    Example:
+        >>> _expanded_offsets((1, 4), 9, torch.tensor([[0, 1], [1, 3], [3, 6], [6, 9], [9, 10]]))
+        [(0, 1), (1, 4), (1, 4), (1, 4), (4, 5)]
     """
-    first = prompt.find(image_token)
-    shift = run_end - first - len(image_token)
+    first, end = span
+    shift = run_end - end
     out = []
     for a, b in offsets.tolist():
-        if first < 0 or b <= first:
+        if b <= first:
             out.append((a, b))
         elif a >= run_end:
             out.append((a - shift, b - shift))
         else:
-            out.append((first, first + len(image_token)))
+            out.append((first, end))
     return out
 
 
@@ -313,13 +307,10 @@ def encode(
         **(view_options(processor, config) if config is not None else {}),  # Gemma 3: the checkpoint's pan-and-scan
     )
     offsets_t = batch.pop("offset_mapping")[0]
-    replaced = batch.pop("text_replacement_offsets", None)  # the processor's record of the image's expansion
-    expansion_end = int(replaced[0][0]["new_span"][1]) if replaced and replaced[0] else None
     ids = batch["input_ids"][0]
     image_id = config.image_token_id if config is not None else processor.image_token_id  # Gemma 3: soft tokens
     image_pos = (ids == image_id).nonzero().flatten().tolist()  # the tokens image features replace
-    run_end = expansion_end if expansion_end is not None else _run_end(processor, prompt, ids, image_pos, offsets_t)
-    offsets = _expanded_offsets(prompt, processor.image_token, run_end, offsets_t)
+    offsets = _expanded_offsets(*_replacement(processor, batch, image_pos), offsets_t)
     groups: dict[str, list[int]] = {
         "image": image_pos,
         "question": tokens_in_span(offsets, q_span),

@@ -63,9 +63,6 @@ class Family:
     #: sub-structure that tells this family apart from others of the same config class: the vision config's
     #: ``model_type`` (Pixtral-12B is a ``LlavaConfig`` with a ``"pixtral"`` vision tower); None: any
     vision_model_type: str | None = None
-    #: the family's prompts (its chat template, its official format) start with the BOS token as text, so the
-    #: tokenizer is asked to add none (Mistral-Small-3.1's and Gemma 3's tokenizers would add a second one)
-    bos_in_prompt: bool = False
     #: the side (in ViT patches) of the square of patches the projector averages into one image token (Gemma 3's
     #: ``AvgPool2d``), as an attribute path from the top-level model; None: one token per patch
     token_pool: str | None = None
@@ -92,7 +89,6 @@ _MISTRAL = dict(
     paper_template="mistral",
     pixel_layout="native",
     image_only_processor="PixtralProcessor",
-    bos_in_prompt=True,
 )
 
 #: Idefics3 / SmolVLM v1 (``Idefics3Config``) and SmolVLM2 (``SmolVLMConfig``): the text model at
@@ -110,7 +106,6 @@ _IDEFICS3 = dict(
     markers_span_block=True,
     sequence_shuffle="model.connector.pixel_shuffle",
     patch_views=("tiles", "global"),
-    bos_in_prompt=True,  # the template writes the BOS; Idefics3-8B's Llama-3 tokenizer would add a second one
 )
 
 #: The supported families, most specific first (a family with a sub-structure before the plain one).
@@ -186,7 +181,6 @@ FAMILIES = (
         "Gemma3ForConditionalGeneration",
         image_markers=("<start_of_image>", "<end_of_image>"),
         paper_template="gemma3",
-        bos_in_prompt=True,
         token_pool="model.multi_modal_projector.kernel_size",
         fast_refusal=(
             "each image attends to itself bidirectionally, so positions before the first target read positions "

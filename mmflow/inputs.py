@@ -209,6 +209,18 @@ def _replacement(processor, batch, image_pos: list[int]) -> tuple[tuple[int, int
     return (int(first["span"][0]), int(first["span"][1])), int(first["new_span"][1])
 
 
+def _spells_bos(tokenizer, prompt: str) -> bool:
+    """Whether ``prompt`` already starts with the tokenizer's BOS token as text (the chat templates of Llama-3,
+    Mistral, Gemma 3 and Idefics3 write it), so the tokenizer must add no second one.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> _spells_bos(SimpleNamespace(bos_token="<s>"), "<s>[INST]"), _spells_bos(SimpleNamespace(bos_token=None), "")
+        (True, False)
+    """
+    return bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+
+
 @dataclass
 class Encoded:
     """A model input for one example with its token groups (positions in the language model's sequence)."""
@@ -271,10 +283,9 @@ def encode(
         dtype: dtype of the pixel values (None: the processor's).
         inputs: ``"paper"`` (official prompt; single-tile images padded to a square with the mean colour) or
             ``"processor"`` (see :func:`build_prompt`).
-        config: the model's config (needed for ``"paper"``, the ``image_markers`` group, for a family whose prompts
-            spell the BOS token, Pixtral / Mistral3 / Gemma 3 / Idefics3, which are then tokenized without adding
-            another, and for Gemma 3's soft image tokens and the checkpoint's pan-and-scan options,
-            :func:`~mmflow.families.view_options`).
+        config: the model's config (needed for ``"paper"``, the ``image_markers`` group, and for Gemma 3's soft
+            image tokens and the checkpoint's pan-and-scan options, :func:`~mmflow.families.view_options`).
+            A prompt that starts with the tokenizer's BOS token as text is tokenized without adding another.
 
     Returns:
         The inputs and the groups ``image`` (all image-token positions after expansion), ``image_markers`` (the
@@ -303,7 +314,7 @@ def encode(
         return_offsets_mapping=True,
         return_text_replacement_offsets=True,
         return_tensors="pt",
-        **({"add_special_tokens": False} if config is not None and family_of(config).bos_in_prompt else {}),
+        **({"add_special_tokens": False} if _spells_bos(processor.tokenizer, prompt) else {}),
         **(view_options(processor, config) if config is not None else {}),  # Gemma 3: the checkpoint's pan-and-scan
     )
     offsets_t = batch.pop("offset_mapping")[0]

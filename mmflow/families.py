@@ -35,6 +35,9 @@ class Family:
     rope_index: str | None = None
     #: text tokens that frame an image's tokens (own group ``image_markers``, never in ``image``)
     image_markers: tuple[str, ...] = ()
+    #: ``image_markers`` also holds every other text token from the first marker to the last (Idefics3's newlines
+    #: between rows of tiles); False: the marker tokens only (Gemma 3's pan-and-scan text between views is in no group)
+    markers_span_block: bool = False
     #: the official prompt ``inputs="paper"`` builds (see :func:`mmflow.inputs.paper_template`); None: chosen by
     #: the backbone (the paper's Vicuna / Llama-3 templates)
     paper_template: str | None = None
@@ -51,7 +54,8 @@ class Family:
     #: ``(tiles, rows, cols, channels), scale_factor -> (tiles, rows', cols', channels')``); None: one token per patch
     pixel_shuffle: str | None = None
     #: the views an image is seen in, each its own patch group (``related_patches@<view>``): InternVL's ``tiles``
-    #: (the dynamic crops) and ``thumbnail`` (the whole image, last); () for one view
+    #: (the dynamic crops) and ``thumbnail`` (the whole image, last, only when there is more than one crop),
+    #: Idefics3's ``tiles`` and ``global`` (the whole image, always the last tile); () for one view
     patch_views: tuple[str, ...] = ()
     #: DeepStack (Qwen3-VL): config path of the vision layers whose features the model adds to the outputs of as many
     #: first decoder layers, at the image positions; None: the decoder's residual stream is its own
@@ -59,9 +63,6 @@ class Family:
     #: sub-structure that tells this family apart from others of the same config class: the vision config's
     #: ``model_type`` (Pixtral-12B is a ``LlavaConfig`` with a ``"pixtral"`` vision tower); None: any
     vision_model_type: str | None = None
-    #: the family's prompts (its chat template, its official format) start with the BOS token as text, so the
-    #: tokenizer is asked to add none (Mistral-Small-3.1's and Gemma 3's tokenizers would add a second one)
-    bos_in_prompt: bool = False
     #: the side (in ViT patches) of the square of patches the projector averages into one image token (Gemma 3's
     #: ``AvgPool2d``), as an attribute path from the top-level model; None: one token per patch
     token_pool: str | None = None
@@ -70,6 +71,10 @@ class Family:
     #: the processor call decides how many views of an image the model sees (Gemma 3's pan-and-scan: the original,
     #: then crops, each framed by the image markers), with the options :func:`view_options` reads from the checkpoint
     processor_views: bool = False
+    #: the model's own pixel shuffle over one tile's flattened patch sequence (Idefics3 / SmolVLM's connector:
+    #: ``(tiles, patches, channels), scale_factor -> (tiles, tokens, channels * scale_factor**2)``, a token per
+    #: ``scale_factor`` x ``scale_factor`` block of patches); None: one token per patch
+    sequence_shuffle: str | None = None
 
 
 _QWEN_VL = dict(
@@ -84,7 +89,23 @@ _MISTRAL = dict(
     paper_template="mistral",
     pixel_layout="native",
     image_only_processor="PixtralProcessor",
-    bos_in_prompt=True,
+)
+
+#: Idefics3 / SmolVLM v1 (``Idefics3Config``) and SmolVLM2 (``SmolVLMConfig``): the text model at
+#: ``model.text_model``; the text tokens the processor writes around and between the image's tokens (its tiles'
+#: ``<row_r_col_c>`` tags, up to the processor's 6 x 6, and the global image's tag); tiles + a global image, each
+#: through the connector's pixel shuffle
+_IDEFICS3 = dict(
+    text_model="model.text_model",
+    image_markers=(
+        "<fake_token_around_image>",
+        "<global-img>",
+        *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
+    ),
+    paper_template="idefics3",
+    markers_span_block=True,
+    sequence_shuffle="model.connector.pixel_shuffle",
+    patch_views=("tiles", "global"),
 )
 
 #: The supported families, most specific first (a family with a sub-structure before the plain one).
@@ -105,6 +126,14 @@ FAMILIES = (
         pack_image_features="model.pack_image_features",  # (image_sizes, image_newline, vision_aspect_ratio)
         paper_template="qwen_1_5",
         image_only_processor="LlavaOnevisionProcessor",
+    ),
+    Family("idefics3", "Idefics3Config", "Idefics3ForConditionalGeneration", **_IDEFICS3),
+    Family(
+        "smolvlm",
+        "SmolVLMConfig",
+        "SmolVLMForConditionalGeneration",
+        image_only_processor="SmolVLMProcessor",
+        **_IDEFICS3,
     ),
     Family(
         "internvl",
@@ -152,7 +181,6 @@ FAMILIES = (
         "Gemma3ForConditionalGeneration",
         image_markers=("<start_of_image>", "<end_of_image>"),
         paper_template="gemma3",
-        bos_in_prompt=True,
         token_pool="model.multi_modal_projector.kernel_size",
         fast_refusal=(
             "each image attends to itself bidirectionally, so positions before the first target read positions "
@@ -249,16 +277,30 @@ def view_options(processor: Any, model_or_config: Any) -> dict[str, Any]:
 def _image_only(processor_class: type) -> type:
     """``processor_class`` without its video processor: the same class (name, constructor, call, chat template)
     whose sub-processors are only the image processor and the tokenizer, so no video processor (which needs
-    torchvision) is loaded or class-checked (one class per processor class)."""
+    torchvision) is loaded or class-checked; a constructor that takes the video processor as a required argument
+    (SmolVLM's) gets None, and chat templates are rendered by :class:`~transformers.ProcessorMixin`'s own
+    ``apply_chat_template`` (SmolVLM's override only adds the video processor's frame defaults, which it would
+    read from the missing video processor) (one class per processor class)."""
+    from transformers import ProcessorMixin
 
     def get_attributes(cls) -> list[str]:
         return [name for name in processor_class.get_attributes() if "video" not in name]
 
-    return type(
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):  # a constructor that needs it gets None
+        dropped = {name: None for name in processor_class.get_attributes() if "video" in name}
+        return super(image_only, cls).from_args_and_dict(args, processor_dict, **kwargs, **dropped)
+
+    image_only = type(
         processor_class.__name__,
         (processor_class,),
-        {"get_attributes": classmethod(get_attributes), "__module__": __name__},
+        {
+            "get_attributes": classmethod(get_attributes),
+            "from_args_and_dict": classmethod(from_args_and_dict),
+            "apply_chat_template": ProcessorMixin.apply_chat_template,
+            "__module__": __name__,
+        },
     )
+    return image_only
 
 
 def build_processor(path: str, config: Any, options: dict[str, Any]) -> Any:

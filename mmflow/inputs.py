@@ -20,6 +20,7 @@ from mmflow.paper import (
     LLAMA3_SYSTEM,
     PAPER_USER,
     gemma3_prompt,
+    idefics3_prompt,
     internvl_prompt,
     llava15_prompt,
     mistral_prompt,
@@ -58,9 +59,9 @@ def paper_template(processor, config) -> str:
     Returns:
         The family's own template if it has one (``"qwen_vl"`` for Qwen2-VL and Qwen2.5-VL, ``"qwen_1_5"`` for
         LLaVA-OneVision, ``"qwen3_vl"`` for Qwen3-VL, ``"internvl2_5"`` for InternVL, ``"mistral"`` for
-        Pixtral-12B and Mistral-Small-3.1, ``"gemma3"`` for Gemma 3); for LLaVA-1.5 and LLaVA-NeXT
-        ``"llava_llama_3"`` if the tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for another Llama backbone
-        (Vicuna).
+        Pixtral-12B and Mistral-Small-3.1, ``"gemma3"`` for Gemma 3, ``"idefics3"`` for Idefics3 / SmolVLM); for
+        LLaVA-1.5 and LLaVA-NeXT ``"llava_llama_3"`` if the tokenizer has Llama-3's header tokens, ``"vicuna_v1"`` for
+        another Llama backbone (Vicuna).
 
     Raises:
         MmflowError: for a LLaVA backbone the paper did not use (e.g. Mistral, Qwen2): use ``inputs="processor"``.
@@ -104,7 +105,10 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
             adds its dated default system prompt);
             Gemma 3 its chat turn ``<bos><start_of_turn>user\\n<start_of_image>{question}\\n<instruction>
             <end_of_turn>\\n<start_of_turn>model\\n`` (:func:`~mmflow.paper.gemma3_prompt`), exactly what
-            ``"processor"`` gives with the released chat template.
+            ``"processor"`` gives with the released chat template;
+            Idefics3 / SmolVLM the released chat template's turn ``<bos>User:<image>{question}\\n<instruction>
+            <end_of_utterance>\\nAssistant:`` (:func:`~mmflow.paper.idefics3_prompt`, ``<bos>`` the tokenizer's
+            BOS), which is exactly what ``"processor"`` gives with the released chat template.
             ``"processor"``: the processor's chat template if it has one (the question, a newline and the
             instruction as the user's text after the image), else the LLaVA-1.5 form without a system prompt.
         config: the model's config (needed for ``"paper"``).
@@ -121,6 +125,8 @@ def build_prompt(processor, question: str, inputs: str = "processor", config=Non
         }
         if template in own:
             return own[template](question)
+        if template == "idefics3":
+            return idefics3_prompt(question, processor.tokenizer.bos_token or "")
         if template == "vicuna_v1":
             return vicuna_prompt(question)
         messages = [
@@ -148,8 +154,10 @@ def tokens_in_span(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) ->
 
 
 def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
-    """Positions of the text tokens that frame the image (Qwen's ``<|vision_start|>``/``<|vision_end|>``), by
-    token id; empty for a family without such tokens (LLaVA).
+    """Positions of the text tokens that frame the image (Qwen's ``<|vision_start|>``/``<|vision_end|>``, Idefics3's
+    ``<fake_token_around_image>``, ``<row_r_col_c>`` and ``<global-img>``), by token id, and, for a family with
+    :attr:`~mmflow.families.Family.markers_span_block`, of any other text token inside the block they frame with
+    the image tokens (Idefics3's newlines after each row of tiles); empty for a family without such tokens (LLaVA).
 
     Raises:
         MmflowError: if the tokenizer lacks one of the family's marker tokens.
@@ -159,47 +167,58 @@ def image_markers(processor, ids: torch.Tensor, config) -> list[int]:
     unknown = [t for t, i in zip(markers, marker_ids) if i is None or i == processor.tokenizer.unk_token_id]
     if unknown:
         raise MmflowError(f"The tokenizer has no token {unknown[0]!r}, which this model family frames images with")
-    return torch.isin(ids, torch.tensor(marker_ids, dtype=ids.dtype)).nonzero().flatten().tolist() if markers else []
-
-
-def _image_run(tokenizer, prompt: str, ids: torch.Tensor, image_pos: list[int]) -> list[int]:
-    """Positions of the run the processor put in place of the image placeholder: the image tokens and the tokens
-    it inserted among and right after them (Pixtral's ``[IMG_BREAK]`` and ``[IMG_END]``: added tokens that the
-    prompt does not spell), never a marker the prompt itself carries (Qwen's ``<|vision_end|>``)."""
-    if not image_pos:
+    if not markers:
         return []
-    added, images, run, i = tokenizer.get_added_vocab(), set(image_pos), [], image_pos[0]
-    while i < len(ids):
-        token = tokenizer.convert_ids_to_tokens(int(ids[i]))
-        if i not in images and (token not in added or token in prompt):
-            break
-        run.append(i)
-        i += 1
-    return run
+    found = torch.isin(ids, torch.tensor(marker_ids, dtype=ids.dtype))
+    if not found.any() or not family_of(config).markers_span_block:
+        return found.nonzero().flatten().tolist()
+    image = ids == config.image_token_id  # the tokens image features replace (Gemma 3: the soft tokens)
+    block = (found | image).nonzero().flatten()
+    inside = torch.zeros_like(found)
+    inside[int(block[0]) : int(block[-1]) + 1] = True
+    return (inside & ~image).nonzero().flatten().tolist()
 
 
-def _run_end(processor, prompt: str, ids: torch.Tensor, image_pos: list[int], offsets: torch.Tensor) -> int:
-    """Where, in the processor's expanded text, the run that replaced the image placeholder of ``prompt`` ends: after
-    the processor's own framed sequence where it has one (Gemma 3: ``\\n\\n<start_of_image>`` + soft tokens +
-    ``<end_of_image>\\n\\n``, with pan-and-scan crops inside its "Here is the original image ..." text, so the
-    run ends in text, not in a token), else after the last token of :func:`_image_run`; 0 without image tokens.
+def _replacement(processor, batch, image_pos: list[int]) -> tuple[tuple[int, int], int]:
+    """The image placeholder's span in the prompt and where, in the processor's expanded text, the run that
+    replaced it ends, from the processor's own record (``text_replacement_offsets``: ``span`` in the prompt,
+    ``new_span`` in the expanded text; whatever the run holds besides image tokens, e.g. Pixtral's ``[IMG_BREAK]``,
+    Idefics3's tile tags and newlines, Gemma 3's framed views and pan-and-scan text).
 
     Raises:
-        MmflowError: if the image tokens are not whole framed views (Gemma 3 without ``config``: the processor's
-            ``image_token_id`` is then the ``<start_of_image>`` marker, not the soft token).
+        MmflowError: naming the processor class if it returns no such record or no placeholder; if the image tokens
+            are not whole framed views (Gemma 3 without ``config``: the processor's ``image_token_id`` is then the
+            ``<start_of_image>`` marker, not the soft token).
     """
-    if getattr(processor, "full_image_sequence", None) is not None:
-        crops, rest = divmod(len(image_pos), processor.image_seq_length)
-        if crops < 1 or rest:
+    name = type(processor).__name__
+    replaced = batch.pop("text_replacement_offsets", None)
+    if not replaced or not replaced[0]:
+        raise MmflowError(
+            f"{name} returned no text_replacement_offsets for the image placeholder: mmflow needs the processor's "
+            "record of where the image's tokens go (a transformers processor built on ProcessorMixin's expansion)"
+        )
+    if getattr(processor, "full_image_sequence", None) is not None:  # Gemma 3: whole views of image_seq_length
+        views, rest = divmod(len(image_pos), processor.image_seq_length)
+        if views < 1 or rest:
             raise MmflowError(
-                f"{len(image_pos)} image tokens are not whole views of {processor.image_seq_length} for "
-                f"{type(processor).__name__}: pass the model's config (config=model.config), whose image_token_id "
-                "is the soft token the processor expands the image into"
+                f"{len(image_pos)} image tokens are not whole views of {processor.image_seq_length} for {name}: pass "
+                "the model's config (config=model.config), whose image_token_id is the soft token the processor "
+                "expands the image into"
             )
-        crops -= 1
-        return prompt.find(processor.image_token) + len(processor.replace_image_token({"num_crops": [crops]}, 0))
-    run = _image_run(processor.tokenizer, prompt, ids, image_pos)
-    return int(offsets[run[-1], 1]) if run else 0
+    first = replaced[0][0]
+    return (int(first["span"][0]), int(first["span"][1])), int(first["new_span"][1])
+
+
+def _spells_bos(tokenizer, prompt: str) -> bool:
+    """Whether ``prompt`` already starts with the tokenizer's BOS token as text (the chat templates of Llama-3,
+    Mistral, Gemma 3 and Idefics3 write it), so the tokenizer must add no second one.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> _spells_bos(SimpleNamespace(bos_token="<s>"), "<s>[INST]"), _spells_bos(SimpleNamespace(bos_token=None), "")
+        (True, False)
+    """
+    return bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
 
 
 @dataclass
@@ -218,22 +237,26 @@ class Encoded:
         return int(self.inputs["input_ids"].shape[1])
 
 
-def _expanded_offsets(prompt: str, image_token: str, run_end: int, offsets: torch.Tensor) -> list[tuple[int, int]]:
+def _expanded_offsets(span: tuple[int, int], run_end: int, offsets: torch.Tensor) -> list[tuple[int, int]]:
     """Token offsets mapped from the processor's image-expanded text back to ``prompt`` coordinates.
 
-    The single ``image_token`` placeholder of ``prompt`` became a run ending at character ``run_end`` of the
-    expanded text; every token of the run maps to the placeholder's span.
+    The image placeholder at ``span`` of the prompt became a run ending at character ``run_end`` of the expanded
+    text; every token of the run maps to the placeholder's span, every token after it shifts back.
+
+    Example:
+        >>> _expanded_offsets((1, 4), 9, torch.tensor([[0, 1], [1, 3], [3, 6], [6, 9], [9, 10]]))
+        [(0, 1), (1, 4), (1, 4), (1, 4), (4, 5)]
     """
-    first = prompt.find(image_token)
-    shift = run_end - first - len(image_token)
+    first, end = span
+    shift = run_end - end
     out = []
     for a, b in offsets.tolist():
-        if first < 0 or b <= first:
+        if b <= first:
             out.append((a, b))
         elif a >= run_end:
             out.append((a - shift, b - shift))
         else:
-            out.append((first, first + len(image_token)))
+            out.append((first, end))
     return out
 
 
@@ -260,10 +283,9 @@ def encode(
         dtype: dtype of the pixel values (None: the processor's).
         inputs: ``"paper"`` (official prompt; single-tile images padded to a square with the mean colour) or
             ``"processor"`` (see :func:`build_prompt`).
-        config: the model's config (needed for ``"paper"``, the ``image_markers`` group, for a family whose prompts
-            spell the BOS token, Pixtral / Mistral3 / Gemma 3, which are then tokenized without adding another, and
-            for Gemma 3's soft image tokens and the checkpoint's pan-and-scan options,
-            :func:`~mmflow.families.view_options`).
+        config: the model's config (needed for ``"paper"``, the ``image_markers`` group, and for Gemma 3's soft
+            image tokens and the checkpoint's pan-and-scan options, :func:`~mmflow.families.view_options`).
+            A prompt that starts with the tokenizer's BOS token as text is tokenized without adding another.
 
     Returns:
         The inputs and the groups ``image`` (all image-token positions after expansion), ``image_markers`` (the
@@ -290,16 +312,16 @@ def encode(
         images=model_view(to_rgb(image), processor, config, inputs),
         text=prompt,
         return_offsets_mapping=True,
+        return_text_replacement_offsets=True,
         return_tensors="pt",
-        **({"add_special_tokens": False} if config is not None and family_of(config).bos_in_prompt else {}),
+        **({"add_special_tokens": False} if _spells_bos(processor.tokenizer, prompt) else {}),
         **(view_options(processor, config) if config is not None else {}),  # Gemma 3: the checkpoint's pan-and-scan
     )
     offsets_t = batch.pop("offset_mapping")[0]
     ids = batch["input_ids"][0]
     image_id = config.image_token_id if config is not None else processor.image_token_id  # Gemma 3: soft tokens
     image_pos = (ids == image_id).nonzero().flatten().tolist()  # the tokens image features replace
-    run_end = _run_end(processor, prompt, ids, image_pos, offsets_t)
-    offsets = _expanded_offsets(prompt, processor.image_token, run_end, offsets_t)
+    offsets = _expanded_offsets(*_replacement(processor, batch, image_pos), offsets_t)
     groups: dict[str, list[int]] = {
         "image": image_pos,
         "question": tokens_in_span(offsets, q_span),

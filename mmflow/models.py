@@ -41,6 +41,12 @@ Module map of the supported families (Hugging Face ``transformers`` names)::
       .model.language_model                        Gemma3TextModel: sliding-window and global layers, each type its
                                                    own mask (image block bidirectional) and rotary table
       .lm_head                                     tied to the embedding matrix (inputs x sqrt(hidden)) <- logit lens
+    Idefics3ForConditionalGeneration               Idefics3, SmolVLM v1 (SmolVLMForConditionalGeneration: SmolVLM2,
+                                                   same map): image split into rows x cols tiles + a global
+      .model.vision_model                          image; SigLIP-style tower per tile
+      .model.connector.pixel_shuffle               scale x scale patches into one token      <- patch geometry
+      .model.text_model                            Llama decoder (not .language_model): .layers, .rotary_emb, .norm
+      .lm_head                                     unembedding                                <- logit lens
 
 Adding a family is one :class:`~mmflow.families.Family` entry plus a test that loads a tiny checkpoint of it.
 """
@@ -238,7 +244,7 @@ def _processor(located: Any, config: Any, where: Any) -> Any:
     full processor needs torchvision and it is missing)."""
     try:
         return build_processor(located.path, config, _safe(located))
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, ImportError) as err:  # ImportError: e.g. SmolVLM's without num2words
         raise MmflowError(f"Checkpoint {where}: its processor cannot be loaded ({_first_line(err)})") from None
 
 
@@ -366,6 +372,13 @@ def token_pool(model: LlavaModel) -> int:
     kernel for Gemma 3 (``AvgPool2d``: 64 x 64 patches -> 16 x 16 tokens, 4), 1 for families without pooling."""
     path = family_of(model).token_pool
     return int(_attr(model, path)) if path else 1
+
+
+def sequence_shuffle(model: LlavaModel) -> Any:
+    """The family's pixel shuffle over a tile's patch sequence (see :attr:`~mmflow.families.Family.sequence_shuffle`),
+    or None for a family with one token per patch."""
+    path = family_of(model).sequence_shuffle
+    return _attr(model, path) if path else None
 
 
 def pack_image_features(model: LlavaModel) -> Any:

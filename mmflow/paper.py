@@ -76,6 +76,10 @@ MISTRAL_TEMPLATE = "<s>[INST][IMG]{text}[/INST]"
 #: The official Gemma 3 single-image turn (chat template of google/gemma-3-4b-it): ``<bos>``, no system prompt,
 #: ``<start_of_image>`` where the image goes (the processor expands it), the text part trimmed.
 GEMMA3_TEMPLATE = "<bos><start_of_turn>user\n<start_of_image>{text}<end_of_turn>\n<start_of_turn>model\n"
+#: The official Idefics3 / SmolVLM turn (the released chat templates): the template's opening token (the tokenizer's
+#: BOS: Idefics3-8B's ``<|begin_of_text|>``, SmolVLM's ``<|im_start|>``), ``User:`` right before the image, no system
+#: prompt, the turn closed by ``<end_of_utterance>``.
+IDEFICS3_TEMPLATE = "{bos}User:<image>{text}<end_of_utterance>\nAssistant:"
 
 #: The paper's flows as (source group, target group): the target's attention to the source is blocked.
 FLOWS = {
@@ -213,6 +217,20 @@ def gemma3_prompt(question: str) -> str:
         <BLANKLINE>
     """
     return GEMMA3_TEMPLATE.format(text=f"{question}\n{INSTRUCTION}")
+
+
+def idefics3_prompt(question: str, bos: str) -> str:
+    """The official Idefics3 / SmolVLM prompt for ``question`` (the image, the question and the paper's short-answer
+    instruction in the user's turn), as the released chat templates render it; ``bos`` is the template's opening
+    token (the tokenizer's BOS).
+
+    Example:
+        >>> print(idefics3_prompt("Q?", "<|im_start|>"))
+        <|im_start|>User:<image>Q?
+        Answer the question using a single word or phrase.<end_of_utterance>
+        Assistant:
+    """
+    return IDEFICS3_TEMPLATE.format(bos=bos, text=f"{question}\n{INSTRUCTION}")
 
 
 def default_window(n_layers: int) -> int:

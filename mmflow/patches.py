@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from mmflow.errors import MmflowError
-from mmflow.models import LlavaModel, family_of, pack_image_features, token_pool, view_options
+from mmflow.models import LlavaModel, family_of, pack_image_features, sequence_shuffle, token_pool, view_options
 
 #: Labels of image tokens: the patch overlaps a box, does not, or is no patch (CLS, row-newline token).
 RELATED, OTHER, NEITHER = 1.0, 0.0, -1.0
@@ -100,11 +100,13 @@ def image_token_labels(
 
     The box mask goes through the processor's own image geometry (resize, crop, pad, anyres tiling, Qwen's
     smart_resize into 28 px cells (Qwen3-VL 32 px), InternVL's dynamic tiles and thumbnail, Pixtral's
-    aspect-preserving resize into 16 or 28 px cells, Gemma 3's squash and pan-and-scan crops, with nearest-neighbour
+    aspect-preserving resize into 16 or 28 px cells, Gemma 3's squash and pan-and-scan crops, Idefics3's tiles and
+    global image, with nearest-neighbour
     resampling and no normalisation) and, for anyres families, the model's own feature packing (unpadding, newline
     tokens, and OneVision's bilinear downsampling of large grids, after which a token is RELATED if any related patch
     contributes to it), for InternVL the model's own pixel shuffle (a token is RELATED if any of its 2 x 2 patches
-    is), for Gemma 3 the projector's average pooling (likewise, per k x k patches).
+    is), for Gemma 3 the projector's average pooling (likewise, per k x k patches), for Idefics3 the connector's
+    pixel shuffle over each tile's patch sequence (likewise, per scale x scale patches).
 
     Returns:
         A float tensor of shape ``(n_image_tokens,)``.
@@ -143,6 +145,8 @@ def _labels_and_views(model: LlavaModel, processor, size, boxes, inputs: str) ->
     values = pixels["pixel_values"]  # (1, tiles, 3, H, W) for anyres; (tiles or views, 3, H, W) otherwise
     tiles = values[0] if values.dim() == 5 else values
     per_tile = torch.stack([_patch_labels(tile, patch) for tile in tiles])  # (n_tiles, patches)
+    if family.sequence_shuffle:  # Idefics3 (no vision_feature_select_strategy): the connector's pixel shuffle
+        return _sequence_shuffled(model, per_tile)
     strategy = getattr(cfg, "vision_feature_select_strategy", None)
     if family.pixel_shuffle or family.token_pool:  # the model folds each tile's patch grid into fewer tokens
         if family.pixel_shuffle:
@@ -184,6 +188,17 @@ def _shuffled_labels(model: LlavaModel, per_tile: torch.Tensor, strategy: str) -
     shuffle = reduce(getattr, family_of(model).pixel_shuffle.split("."), model)
     folded = shuffle(per_tile.view(n, side, side, 1), scale_factor=model.config.downsample_ratio)
     return torch.where((folded > OTHER).any(-1), RELATED, OTHER).flatten(1)
+
+
+def _sequence_shuffled(model: LlavaModel, per_tile: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """Idefics3: each tile's flat patch sequence through the model's own pixel shuffle (a token is RELATED if any of
+    its ``scale_factor`` x ``scale_factor`` patches is), tiles in order, and each token's view: the global image is
+    always the last tile (the only one for an image that is not split), the crops before it."""
+    blocks = sequence_shuffle(model)(per_tile[..., None], model.config.scale_factor)  # (n_tiles, tokens, scale**2)
+    labels = torch.where((blocks == RELATED).any(-1), RELATED, OTHER)  # (n_tiles, tokens)
+    crops, whole = family_of(model).patch_views
+    views = [whole if t == len(per_tile) - 1 else crops for t in range(len(per_tile))]
+    return labels.flatten(), [view for view in views for _ in range(labels.shape[1])]
 
 
 def _pooled_labels(per_tile: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -270,7 +285,8 @@ def patch_groups(
     the model sees the image in several views these are the union over the views, and each view is also its own
     pair of groups, ``related_patches@<view>`` / ``other_patches@<view>``: InternVL's ``tiles`` and ``thumbnail``
     (:attr:`~mmflow.families.Family.patch_views`, always present, empty where the image has no such view, e.g. no
-    thumbnail for a single tile), Gemma 3's ``original``, ``crop1``, ... (only when pan-and-scan cropped the image).
+    thumbnail for a single tile; Idefics3's ``tiles`` and ``global``, ``@tiles`` empty for an image that is not split),
+    Gemma 3's ``original``, ``crop1``, ... (only when pan-and-scan cropped the image).
 
     Args:
         image_positions: positions of the image tokens in the language model's sequence.
@@ -300,7 +316,8 @@ def base_patch_grid(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(processed base tile as HxWx3 uint8, labels of its patch grid): what the overlays show. The base tile is the
     whole image as the model sees it: LLaVA's tile, anyres' base tile, Qwen's resized image, InternVL's thumbnail
-    (its only tile when the image is not cropped), Gemma 3's squashed original (its first view)."""
+    (its only tile when the image is not cropped), Gemma 3's squashed original (its first view), Idefics3's global
+    image (its last tile)."""
     from transformers.image_utils import PILImageResampling
 
     labels = image_token_labels(model, processor, image.size, boxes, inputs)
@@ -315,6 +332,11 @@ def base_patch_grid(
         merge = processor.image_processor.merge_size
         _, grid_h, grid_w = (int(x) for x in processed["image_grid_thw"][0])
         grid = labels.view(grid_h // merge, grid_w // merge).numpy()
+        return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
+    if family_of(model).sequence_shuffle:  # Idefics3: the global image (the last tile, or the only one)
+        cfg = model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.scale_factor
+        base, grid = processed["pixel_values"][0][-1], labels[-side * side :].view(side, side).numpy()
         return base.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy(), grid
     if family_of(model).pixel_shuffle:  # InternVL: the last tile (the thumbnail, or the only tile)
         last = labels[-_tokens_per_tile(model) :]

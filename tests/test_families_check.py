@@ -148,6 +148,7 @@ def test_a_builder_and_geometry_kept_with_the_tests_can_be_registered(tmp_path):
 def test_the_replicas_geometry_agrees_with_each_family_tests_own_arithmetic(size, box):
     """Two write-ups of each merged family's geometry, neither from mmflow.patches: mmflow/replicas/geometry.py (what
     ``make families`` checks against) and the family test's ``expected_labels`` (what its tests check against)."""
+    import test_family_idefics3
     import test_family_internvl
     import test_family_pixtral
     import test_family_qwen3
@@ -159,7 +160,8 @@ def test_the_replicas_geometry_agrees_with_each_family_tests_own_arithmetic(size
     assert geometry.qwen3_vl(size, box) == letters(test_family_qwen3.expected_labels(size, box))
     assert geometry.pixtral_native(size, box) == letters(test_family_pixtral.expected_labels("pixtral", size, box))
     assert geometry.mistral3_native(size, box) == letters(test_family_pixtral.expected_labels("mistral3", size, box))
-    assert {"R", "O"} <= set(geometry.internvl(size, box))
+    assert geometry.idefics3(size, box) == letters(test_family_idefics3.expected_labels(size, box)[0])
+    assert {"R", "O"} <= set(geometry.internvl(size, box)) and {"R", "O"} <= set(geometry.idefics3(size, box))
 
 
 def test_the_oracles_image_block_is_per_run_and_live(tmp_path):

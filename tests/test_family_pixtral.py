@@ -139,8 +139,9 @@ def test_paper_prompt_is_mistrals_official_format_and_groups(pixtral, kind):
 
 
 def test_mistral3_tokenizer_would_add_a_second_bos(pixtral):
-    """Mistral-Small-3.1's tokenizer puts <s> in front of what it encodes: without the family's bos_in_prompt the
-    official prompt (which spells <s>) would start with two (what the one-BOS assertion above rules out)."""
+    """Mistral-Small-3.1's tokenizer puts <s> in front of what it encodes: without the rule that a prompt spelling
+    its BOS gets none added, the official prompt (which spells <s>) would start with two (what the one-BOS assertion
+    above rules out)."""
     _, processor = pixtral("mistral3")
     bos = processor.tokenizer.bos_token_id
     assert processor.tokenizer(OFFICIAL)["input_ids"][:3] == [

@@ -236,6 +236,23 @@ def test_encode_converts_a_pil_image_by_the_same_rule(tiny_dirs):
     assert encoded.inputs["pixel_values"].equal(white.inputs["pixel_values"])
 
 
+def test_a_processor_without_its_record_of_the_image_expansion_is_refused_by_name(tiny_dirs):
+    """The text after the image is located through the processor's text_replacement_offsets; a processor that
+    returns none is refused, naming its class, rather than guessed at."""
+    processor = load_processor(str(tiny_dirs["llava"]))[1]
+    assert mu.encode(processor, Image.new("RGB", (64, 48)), "Where is the jar?").groups["question"]
+
+    class SilentProcessor(type(processor)):
+        def __call__(self, *args, **kwargs):
+            batch = super().__call__(*args, **kwargs)
+            batch.pop("text_replacement_offsets", None)
+            return batch
+
+    processor.__class__ = SilentProcessor
+    with pytest.raises(mu.MmflowError, match="SilentProcessor returned no text_replacement_offsets"):
+        mu.encode(processor, Image.new("RGB", (64, 48)), "Where is the jar?")
+
+
 # ----------------------------------------------------------------------------------------------------- image folder
 
 

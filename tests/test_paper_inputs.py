@@ -177,11 +177,24 @@ def test_llama3_next_paper_prompt_and_anyres_pixels(sp_tokenizer):
         "single word or phrase.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n \n"
     )
     assert enc.prompt == expected_text
-    expected = processor(text=expected_text, images=image, return_tensors="pt")["input_ids"][0]
-    assert torch.equal(enc.inputs["input_ids"][0], expected)
+    expected = processor(text=expected_text, images=image, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert torch.equal(enc.inputs["input_ids"][0], expected[0])
     pixels = enc.inputs["pixel_values"][0]
     reference = original_anyres(image)
     assert pixels.shape == reference.shape and (pixels - reference).abs().max() < 1e-5
+
+
+def test_llama3_next_paper_inputs_have_one_bos(sp_tokenizer):
+    """The llava_llama_3 prompt spells <|begin_of_text|> (the tokenizer's BOS) and the tokenizer adds a BOS to what it
+    encodes: the official code's tokenizer_image_token keeps one, so the encoded input has exactly one, at 0."""
+    sp_tokenizer.add_bos_token = True  # as Llama-3's tokenizer: it puts its BOS in front of what it encodes
+    processor, config = llama3_next(sp_tokenizer)
+    tok = processor.tokenizer
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # so a second one could appear
+    ids = mu.encode(processor, photo(), QUESTION, inputs="paper", config=config).inputs["input_ids"][0].tolist()
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    plain = mu.encode(processor, photo(), QUESTION, inputs="processor").inputs["input_ids"][0].tolist()
+    assert plain[0] == tok.bos_token_id and plain.count(tok.bos_token_id) == 1  # from the template or the tokenizer
 
 
 def test_paper_inputs_refuse_backbones_the_paper_did_not_use(sp_tokenizer):

@@ -143,6 +143,22 @@ REPLICAS = (
         {"layers": 4},
         bidirectional_image=True,
     ),
+    Replica(
+        "idefics3",
+        "mmflow.replicas.idefics3:build_tiny_idefics3",
+        f"{_GEOMETRY}:idefics3",
+        "User: chat turn, image first, tiles + global image",
+        ("HuggingFaceTB/SmolVLM-256M-Instruct", "HuggingFaceM4/Idefics3-8B-Llama3"),
+        {"kind": "idefics3", "layers": 4},
+    ),
+    Replica(
+        "smolvlm",
+        "mmflow.replicas.idefics3:build_tiny_idefics3",
+        f"{_GEOMETRY}:idefics3",
+        "User: chat turn, image first, tiles + global image",
+        ("HuggingFaceTB/SmolVLM2-256M-Video-Instruct", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"),
+        {"kind": "smolvlm", "layers": 4},
+    ),
 )
 
 

@@ -12,6 +12,7 @@ import math
 import torch
 
 from mmflow.replicas import gemma3, onevision, pixtral, qwen, qwen3
+from mmflow.replicas import idefics3 as idefics3_replica
 from mmflow.replicas import internvl as internvl_replica
 from mmflow.replicas import llava as tiny
 
@@ -220,3 +221,56 @@ def gemma3_squash(size, box) -> list[str]:
     """Gemma 3: the image squashed to the tower's square; one token per pooled cell (side // sqrt(tokens) px)."""
     side = gemma3.IMAGE
     return _resampled(size, box, side, side, side // math.isqrt(gemma3.TOKENS))
+
+
+def _idefics3_sizes(width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Idefics3's two resizes, from the image processor's description: the longest edge to ``LONGEST`` (the other
+    side by the aspect ratio, truncated, then made even), then both sides up to whole tiles (the long side rounded
+    up, the short one recomputed from the aspect ratio, then rounded up). Returns ((w1, h1), (w2, h2))."""
+    edge, tile = idefics3_replica.LONGEST, idefics3_replica.TILE
+    aspect = width / height
+    if width >= height:
+        w1, h1 = edge, int(edge / aspect)
+        h1 += h1 % 2
+    else:
+        w1, h1 = int(edge * aspect), edge
+        w1 += w1 % 2
+    aspect = w1 / h1
+    if w1 >= h1:
+        w2 = math.ceil(w1 / tile) * tile
+        h2 = math.ceil(int(w2 / aspect) / tile) * tile
+    else:
+        h2 = math.ceil(h1 / tile) * tile
+        w2 = math.ceil(int(h2 * aspect) / tile) * tile
+    return (w1, h1), (w2, h2)
+
+
+def _chained_hits(n_in: int, steps: list[int], lo: float, hi: float) -> list[bool]:
+    """Per pixel of an axis resized (nearest neighbour, pixel centres) from ``n_in`` px through each of ``steps``
+    in turn: does the original pixel it samples lie in the box's [lo, hi) range?"""
+    sources = list(range(steps[-1]))
+    for n_out, n_from in reversed(list(zip(steps, [n_in, *steps[:-1]]))):
+        sources = [math.floor((i + 0.5) * n_from / n_out) for i in sources]
+    return [math.floor(lo) <= s < math.ceil(hi) for s in sources]
+
+
+def idefics3(size, box) -> list[str]:
+    """Idefics3 / SmolVLM: the two resizes (:func:`_idefics3_sizes`), the result cut into ``TILE`` px tiles
+    (row-major), each tile's tokens row-major over ``PATCH * SCALE`` px cells (the pixel shuffle folds SCALE x SCALE
+    patches into a token); then the global image, the tiled image squashed to one tile, last."""
+    (width, height), (x, y, w, h) = size, box
+    (w1, h1), (w2, h2) = _idefics3_sizes(width, height)
+    tile, cell = idefics3_replica.TILE, idefics3_replica.PATCH * idefics3_replica.SCALE
+    xs, ys = _chained_hits(width, [w1, w2], x, x + w), _chained_hits(height, [h1, h2], y, y + h)
+    gx, gy = _chained_hits(width, [w1, w2, tile], x, x + w), _chained_hits(height, [h1, h2, tile], y, y + h)
+
+    def one_tile(hit_y: list[bool], hit_x: list[bool]) -> list[str]:
+        rows, cols = _cells(hit_y, cell), _cells(hit_x, cell)
+        return ["R" if r and c else "O" for r in rows for c in cols]
+
+    tiles = [
+        one_tile(ys[r * tile : (r + 1) * tile], xs[c * tile : (c + 1) * tile])
+        for r in range(h2 // tile)
+        for c in range(w2 // tile)
+    ]
+    return [label for labels in tiles for label in labels] + one_tile(gy, gx)

@@ -15,6 +15,9 @@ OUT    ?= figures
 CACHE  ?= results
 INPUTS ?=
 KEEP   ?=
+# The knockout engine: fast (exact, reuses the clean run) or naive (one full forward per window; the families whose
+# fast engine refuses, e.g. Gemma 3, need it). Empty: the notebooks' default, fast.
+ENGINE ?=
 # The fast engine's most suffix tokens per pass (default: what fits in a quarter of the device's free memory).
 TOKEN_BUDGET ?=
 # Extra flags for make bench (bench/bench.py --help), e.g. --wide: the models at their real widths, for a GPU.
@@ -38,7 +41,7 @@ ANALYSES  := $(filter-out $(OVERVIEW),$(RUNS))
 .PHONY: help venv test test-browser lint format lab reproduce sweep report check-data families bench toy-model toy-eval clean FORCE
 
 help: ## list the targets
-	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=... INPUTS=... KEEP=... TOKEN_BUDGET=...]"
+	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=... INPUTS=... KEEP=... ENGINE=... TOKEN_BUDGET=...]"
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create or refresh .venv from requirements.lock
@@ -75,17 +78,18 @@ reproduce: $(RUNS) ## run every notebook headlessly -> OUT/*.png|pdf|csv, execut
 
 $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
 	@$(PY) -m mmflow.execute $< $@ --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --device "$(DEVICE)" \
-	  --dtype "$(DTYPE)" --n "$(N)" --out-dir "$(OUT)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)"
+	  --dtype "$(DTYPE)" --n "$(N)" --out-dir "$(OUT)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)" \
+	  --engine "$(ENGINE)"
 
 $(OVERVIEW): $(ANALYSES) # the overview reads the figures' CSVs the analyses write
 
 NPROC ?= 2
 sweep: $(STAMP) ## every analysis the notebooks need, split across NPROC processes (Accelerate; NPROC=1: one), into CACHE
 	@$(PY) -m mmflow.params --target sweep --model "$(MODEL)" --dtype "$(DTYPE)" --n "$(N)" --cache-dir "$(CACHE)" \
-	  --inputs "$(INPUTS)" --keep "$(KEEP)"
+	  --inputs "$(INPUTS)" --keep "$(KEEP)" --engine "$(ENGINE)"
 	$(VENV)/bin/accelerate launch $(if $(filter 1,$(NPROC)),,--multi_gpu) --num_processes $(NPROC) --num_machines 1 --mixed_precision no \
 	  --dynamo_backend no -m mmflow.sweep --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --n "$(N)" \
-	  --dtype "$(DTYPE)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)"
+	  --dtype "$(DTYPE)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)" --engine "$(ENGINE)"
 
 REPORT ?= results/report
 report: $(STAMP) ## HTML report of the executed notebooks as they are (runs nothing; make reproduce first) -> REPORT/index.html

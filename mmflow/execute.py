@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.executed.parent.resolve()
     try:  # every parameter is named before anything runs or is written
         check_run_params(args.model, args.device, args.dtype, args.inputs, args.keep, args.n_per_task,
-                         args.out_dir, args.cache_dir)  # fmt: skip
+                         args.out_dir, args.cache_dir, args.engine)  # fmt: skip
         check_output_folder(args.executed.parent, "EXECUTED")
         declared = pm.inspect_notebook(str(args.source))
         params = notebook_parameters(args, list(declared), relative_to=workdir)

@@ -74,6 +74,11 @@ def check_output_folder(path: str | Path | None, name: str, owned: bool = False)
     return folder
 
 
+def _check_engine(engine: str, engines) -> None:
+    if engine not in engines:
+        raise MmflowError(f"engine must be one of {list(engines)}, got {engine!r}")
+
+
 def check_run_params(
     model: str | None = None,
     device: str | None = None,
@@ -83,6 +88,7 @@ def check_run_params(
     n: str | None = None,
     out_dir: str | None = None,
     cache_dir: str | None = None,
+    engine: str | None = None,
 ) -> None:
     """Check every parameter of a run with the library's own checkers (empty or None: the default) and the
     ``MMFLOW_TOKEN_BUDGET`` the Makefile exports; nothing is loaded or written.
@@ -92,6 +98,7 @@ def check_run_params(
     """
     from mmflow.cache import TOKEN_BUDGET_ENV, env_token_budget
     from mmflow.data import parse_n
+    from mmflow.engines import ENGINES
     from mmflow.inputs import resolve_inputs
     from mmflow.models import EMBEDDED_MODEL, check_dtype_device
     from mmflow.runs import check_keep
@@ -101,6 +108,7 @@ def check_run_params(
         ("DEVICE", device, lambda: check_dtype_device("float32", device or "cpu")),
         ("INPUTS", inputs, lambda: resolve_inputs(inputs or None, model or EMBEDDED_MODEL)),
         ("KEEP", keep, lambda: check_keep(keep or "correct")),
+        ("ENGINE", engine, lambda: _check_engine(engine or "fast", ENGINES)),
         ("N", n, lambda: parse_n(n or "")),
         ("TOKEN_BUDGET", os.environ.get(TOKEN_BUDGET_ENV), env_token_budget),
         ("OUT", out_dir, lambda: check_output_folder(out_dir, "OUT", owned=True)),
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
     parser.add_argument("--target", default="reproduce")
-    for name in ("model", "device", "dtype", "inputs", "keep", "n", "out_dir", "cache_dir"):
+    for name in ("model", "device", "dtype", "inputs", "keep", "n", "out_dir", "cache_dir", "engine"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
     args = vars(parser.parse_args(argv))
     target = args.pop("target")

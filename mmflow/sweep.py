@@ -58,12 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="results")
     parser.add_argument("--inputs", default="")
     parser.add_argument("--keep", default="")
-    parser.add_argument("--engine", default="fast")
+    parser.add_argument("--engine", default="", help="fast or naive (empty: fast)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args(argv)
     die_with_launcher()
     try:  # named before the process group starts
-        check_run_params(args.model, None, args.dtype, args.inputs, args.keep, args.n, None, args.cache_dir)
+        check_run_params(
+            args.model, None, args.dtype, args.inputs, args.keep, args.n, None, args.cache_dir, args.engine
+        )
     except MmflowError as err:
         print(f"make sweep: {err}", file=sys.stderr)
         return 2
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         k = default_window(run.n_layers)
         for name, (kind, flows) in ANALYSES.items():
             if kind == "knockout":
-                run.knockout(examples, flows, k, args.engine, shard=shard, keep=keep)
+                run.knockout(examples, flows, k, args.engine or "fast", shard=shard, keep=keep)
             else:
                 run.lens(examples, shard=shard, keep=keep)
             if state.is_main_process:

@@ -50,7 +50,7 @@ def tracked_state() -> tuple[str, dict[str, str]]:
 
 @pytest.mark.parametrize(
     "parameter",
-    ["DEVICE=cuda", "DTYPE=float8", "INPUTS=bogus", "KEEP=some", "OUT=/", "OUT=", "CACHE=/etc/mmflow"],
+    ["DEVICE=cuda", "DTYPE=float8", "INPUTS=bogus", "KEEP=some", "ENGINE=turbo", "OUT=/", "OUT=", "CACHE=/etc/mmflow"],
 )
 def test_make_reproduce_refuses_a_bad_parameter_before_writing_anything(parameter):
     """Each was checked inside the notebook, after the committed executed copy had been overwritten (or, for OUT=/,
@@ -67,7 +67,7 @@ def test_make_reproduce_refuses_a_bad_parameter_before_writing_anything(paramete
     assert not Path("/executed").exists() and not Path("/fig1_to_last.png").exists()
 
 
-@pytest.mark.parametrize("parameter", ["CACHE=/", "KEEP=some", "DTYPE=float8"])
+@pytest.mark.parametrize("parameter", ["CACHE=/", "KEEP=some", "DTYPE=float8", "ENGINE=turbo"])
 def test_make_sweep_refuses_a_bad_parameter_before_starting_its_processes(parameter, tmp_path):
     done = make("sweep", parameter, timeout=120)
     name, value = parameter.split("=")
@@ -82,6 +82,12 @@ def test_make_normalises_a_trailing_slash_of_out_and_cache():
     assert slashed.stdout == plain.stdout and "notebooks/executed/1_to_last_flow.ipynb" in slashed.stdout
     assert '--out-dir "figures"' in slashed.stdout and '--cache-dir "results"' in slashed.stdout
     assert '--out-dir "/"' in make("-n", "reproduce", "OUT=/").stdout  # kept, so that it is refused
+
+
+def test_make_hands_engine_to_the_notebooks_and_the_sweep():
+    """ENGINE=naive reaches every notebook run and the sweep (the families whose fast engine refuses need it)."""
+    assert '--engine "naive"' in make("-n", "reproduce", "ENGINE=naive").stdout
+    assert '--engine "naive"' in make("-n", "sweep", "ENGINE=naive").stdout
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksu
 
 # Parameters of `make reproduce` (defaults: the embedded model and data, offline). Paths may be relative.
 MODEL  ?= shapes-llava
+# Notebook 6 compares these models (whitespace-separated names, hub ids or folders). Empty: both embedded models
+# (shapes-llava, shapes-qwen) on the default run, else just MODEL.
+MODELS ?=
 DATA   ?= shapes
 IMAGES ?=
 DEVICE ?= cpu
@@ -35,7 +38,8 @@ EXECUTED  ?= $(if $(filter figures,$(OUT)),notebooks/executed,$(OUT)/executed)
 SOURCES   := $(sort $(wildcard notebooks/[0-9]*_*.ipynb))
 RUNS      := $(patsubst notebooks/%,$(EXECUTED)/%,$(SOURCES))
 OVERVIEW  := $(filter %_overview.ipynb,$(RUNS))
-ANALYSES  := $(filter-out $(OVERVIEW),$(RUNS))
+ACROSS    := $(filter %_across_models.ipynb,$(RUNS))
+ANALYSES  := $(filter-out $(OVERVIEW) $(ACROSS),$(RUNS))
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test test-browser lint format lab reproduce sweep report check-data families bench toy-model toy-eval clean FORCE
@@ -77,11 +81,12 @@ lab: $(STAMP) ## JupyterLab on the notebooks (127.0.0.1, the mmflow kernel, widg
 reproduce: $(RUNS) ## run every notebook headlessly -> OUT/*.png|pdf|csv, executed copies in notebooks/executed/
 
 $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
-	@$(PY) -m mmflow.execute $< $@ --model "$(MODEL)" --data "$(DATA)" --images "$(IMAGES)" --device "$(DEVICE)" \
+	@$(PY) -m mmflow.execute $< $@ --model "$(MODEL)" --models "$(MODELS)" --data "$(DATA)" --images "$(IMAGES)" --device "$(DEVICE)" \
 	  --dtype "$(DTYPE)" --n "$(N)" --out-dir "$(OUT)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)" \
 	  --engine "$(ENGINE)"
 
 $(OVERVIEW): $(ANALYSES) # the overview reads the figures' CSVs the analyses write
+$(ACROSS): $(ANALYSES) $(OVERVIEW) # after the per-model notebooks (it reuses their cached analyses)
 
 NPROC ?= 2
 sweep: $(STAMP) ## every analysis the notebooks need, split across NPROC processes (Accelerate; NPROC=1: one), into CACHE
@@ -104,10 +109,10 @@ families: $(STAMP) ## every model family live on a tiny replica: loads, groups, 
 bench: $(STAMP) ## the knockout engines side by side (speed, memory, agreement); DEVICE=cuda: on a GPU, fp32 and fp16; BENCH_FLAGS=--wide: real widths
 	HF_HUB_OFFLINE=1 $(PY) bench/bench.py --device "$(DEVICE)" $(BENCH_FLAGS)
 
-toy-model: $(STAMP) ## retrain the embedded shapes-llava (resumable)
-	$(PY) -m shapes_world.train
+toy-model: $(STAMP) ## retrain an embedded model: MODEL=shapes-llava (default) or shapes-qwen (resumable)
+	$(PY) -m shapes_world.train --model "$(MODEL)"
 
-toy-eval: $(STAMP) ## held-out accuracy of shapes-llava
+toy-eval: $(STAMP) ## held-out and blank-image accuracy of both embedded models (fresh seeds)
 	$(PY) -m shapes_world.evaluate
 
 clean: ## remove the results cache (figures, executed runs and reports written there too)

@@ -13,7 +13,7 @@ knockout=mu.Knockout({layer: mu.block_mask([(targets, sources)], enc.length, enc
 Where each name lives: see the module map in :mod:`mmflow`.
 """
 
-from mmflow import findings
+from mmflow import across, findings
 from mmflow.cache import merge_cached, shard_of
 from mmflow.data import DEFAULT_SHAPES_PER_TASK, EMBEDDED_DATA, Example, load_examples, load_gqa, load_shapes
 from mmflow.engines import ENGINES, BlockMask, Knockout, block_mask, knockout_attention
@@ -29,6 +29,7 @@ from mmflow.figures import (
     FIG_PATCH_GROUPS,
     FIG_TO_LAST,
     NOTEBOOK_FIGURES,
+    YLABEL_CHANGE,
     check_provenance,
     curve_table,
     describe_curves,
@@ -41,6 +42,7 @@ from mmflow.figures import (
     read_manifest,
     record_provenance,
     save_figure,
+    stable_table,
 )
 from mmflow.findings import Verdict, verdict_markdown, verdict_table
 from mmflow.inputs import Encoded, build_prompt, encode, encode_example
@@ -59,7 +61,7 @@ from mmflow.lens import (
     logit_lens,
     token_label,
 )
-from mmflow.models import EMBEDDED_MODEL, decoder_layers, layer_mlp, load_model, num_layers, text_model
+from mmflow.models import EMBEDDED_MODEL, EMBEDDED_MODELS, decoder_layers, layer_mlp, load_model, num_layers, text_model
 from mmflow.paper import (
     FLOWS,
     IMAGE_TO_QUESTION,
@@ -76,7 +78,7 @@ from mmflow.runs import KEEP, Run, greedy_answer
 from mmflow.study import ANALYSES, Study
 from mmflow.styles import STYLES, line_style
 from mmflow.tables import accuracy_table, example_table, wrong_answers
-from mmflow.widgets import KnockoutExplorer, LensExplorer
+from mmflow.widgets import KnockoutExplorer, LensExplorer, ModelSwitchExplorer
 
 # fmt: off
 __all__ = [
@@ -84,7 +86,8 @@ __all__ = [
     "TASKS", "FLOWS", "TO_LAST_FLOWS", "IMAGE_TO_QUESTION", "PATCH_FLOWS", "INSTRUCTION", "PAPER_WINDOW",
     "default_window", "window_layers",
     # models and data
-    "MmflowError", "EMBEDDED_MODEL", "load_model", "num_layers", "decoder_layers", "layer_mlp", "text_model",
+    "MmflowError", "EMBEDDED_MODEL", "EMBEDDED_MODELS", "load_model", "num_layers", "decoder_layers", "layer_mlp",
+    "text_model",
     "EMBEDDED_DATA", "DEFAULT_SHAPES_PER_TASK", "Example", "load_examples", "load_gqa", "load_shapes",
     # inputs and patch groups
     "Encoded", "build_prompt", "encode", "encode_example", "RELATED", "OTHER", "NEITHER", "image_token_labels",
@@ -101,5 +104,6 @@ __all__ = [
     "largest_drop", "mean_over_tasks", "describe_curves", "plot_patch_overlay", "record_provenance", "read_manifest",
     "check_provenance", "findings", "Verdict", "plot_overview", "overview_curves", "STYLES", "line_style",
     "verdict_table", "verdict_markdown", "Study", "ANALYSES", "KnockoutExplorer", "LensExplorer",
+    "ModelSwitchExplorer", "across", "stable_table", "YLABEL_CHANGE",
 ]
 # fmt: on

@@ -1,9 +1,9 @@
 """Checkpoint folders checked before any weight is loaded, and where a model name's files are on this machine.
 
-A model name is the embedded ``"shapes-llava"``, a local folder, or a hub id. A hub id is looked up in the local
-Hugging Face cache first (no network); its snapshot folder is then loaded like a local folder. Every JSON file
-transformers reads is parsed and refused if it asks for custom code (``auto_map`` at any depth), every safetensors
-header is checked against its file, and the config's ``model_type`` must be one transformers knows.
+A model name is an embedded model (``"shapes-llava"``, ``"shapes-qwen"``), a local folder, or a hub id. A hub id is
+looked up in the local Hugging Face cache first (no network); its snapshot folder is then loaded like a local folder.
+Every JSON file transformers reads is parsed and refused if it asks for custom code (``auto_map`` at any depth),
+every safetensors header is checked against its file, and the config's ``model_type`` must be one transformers knows.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from typing import Any
 from mmflow.errors import MmflowError
 
 REPO_DIR = Path(__file__).resolve().parent.parent
-EMBEDDED_MODEL = "shapes-llava"
+EMBEDDED_MODEL = "shapes-llava"  #: the default model
 EMBEDDED_MODEL_DIR = REPO_DIR / "shapes_world" / "shapes-llava"
+#: The embedded models, trained on the shapes world (``make toy-model MODEL=...``), by name: a LLaVA-1.5 and a
+#: Qwen2-VL (:mod:`shapes_world.archs`).
+EMBEDDED_MODELS = {name: REPO_DIR / "shapes_world" / name for name in ("shapes-llava", "shapes-qwen")}
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 PROCESSOR_FILES = (
     ("preprocessor_config.json", "processor_config.json"),
@@ -42,7 +45,7 @@ SAFETENSORS_DTYPES |= {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M
 DOWNLOAD_HINT = (
     "Download it where there is network, e.g. `huggingface-cli download {name}` (then copy the Hugging Face cache "
     "or set HF_HUB_CACHE), or pass the path of a local folder holding the checkpoint and its processor. "
-    "The embedded model 'shapes-llava' needs no download."
+    "The embedded models 'shapes-llava' and 'shapes-qwen' need no download."
 )
 
 
@@ -261,7 +264,7 @@ def _hub_reachable(repo_id: str, name: str) -> None:
     except RepositoryNotFoundError:
         raise MmflowError(
             f"Model '{name}': no local folder of that name, and the hub has no such model (or it is private: log "
-            "in with `huggingface-cli login`). The embedded model 'shapes-llava' needs no download."
+            "in with `huggingface-cli login`). The embedded models 'shapes-llava' and 'shapes-qwen' need no download."
         ) from None
     except Exception as err:  # noqa: BLE001 (any failure to get an answer: the network library's own errors)
         raise MmflowError(
@@ -278,7 +281,7 @@ def locate(name_or_path: str, local_files_only: bool | None = None) -> Located:
         MmflowError: for a folder that does not exist or holds no config.json, or a hub id that is not cached while
             the hub is offline or unreachable (naming the download command), in well under 2 s.
     """
-    path = str(EMBEDDED_MODEL_DIR) if name_or_path == EMBEDDED_MODEL else str(name_or_path)
+    path = str(EMBEDDED_MODELS.get(name_or_path, name_or_path))
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():

@@ -22,6 +22,7 @@ from pathlib import Path
 import nbformat
 
 from mmflow.cache import CACHE_DIR_ENV
+from mmflow.checkpoints import EMBEDDED_MODEL
 from mmflow.data import parse_n
 from mmflow.errors import MmflowError
 from mmflow.params import check_output_folder, check_run_params
@@ -44,12 +45,23 @@ def notebook_parameters(args: argparse.Namespace, declared: list[str], relative_
         absolute = Path(path).expanduser().resolve()
         return os.path.relpath(absolute, relative_to) if relative_to is not None else str(absolute)
 
+    def place_model(model: str) -> str:
+        if model.startswith((".", "/", "~")) or Path(model).expanduser().exists():  # a folder, not a hub id
+            return place(model)
+        return model
+
     for name in PATH_OPTIONS:
         if given.get(name) and not (name == "data" and given[name] == "shapes"):
             given[name] = place(given[name])
-    model = given.get("model", "")
-    if model and (model.startswith((".", "/", "~")) or Path(model).expanduser().exists()):  # a folder, not a hub id
-        given["model"] = place(given["model"])
+    if given.get("model"):
+        given["model"] = place_model(given["model"])
+    # notebook 6's list: MODELS (whitespace-separated); else the one MODEL a run names, unless it is the default
+    if given.get("models", "").split():
+        given["models"] = [place_model(m) for m in given["models"].split()]
+    elif given.get("model") and given["model"] != EMBEDDED_MODEL:
+        given["models"] = [given["model"]]
+    else:
+        given.pop("models", None)
     if "n_per_task" in given:
         given["n_per_task"] = parse_n(given["n_per_task"])
     return {name: value for name, value in given.items() if name in declared}
@@ -62,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path)
     parser.add_argument("executed", type=Path)
-    for name in ("model", "data", "images", "device", "dtype", "out_dir", "cache_dir", "engine", "inputs", "keep"):
+    names = ("model", "models", "data", "images", "device", "dtype", "out_dir", "cache_dir", "engine", "inputs", "keep")
+    for name in names:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
     parser.add_argument("--n", dest="n_per_task", help="questions per task (0 or empty: the default)")
     args = parser.parse_args(argv)
@@ -70,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every parameter is named before anything runs or is written
         check_run_params(args.model, args.device, args.dtype, args.inputs, args.keep, args.n_per_task,
                          args.out_dir, args.cache_dir, args.engine)  # fmt: skip
+        for model in (args.models or "").split():
+            check_run_params(model, inputs=args.inputs)
         check_output_folder(args.executed.parent, "EXECUTED")
         declared = pm.inspect_notebook(str(args.source))
         params = notebook_parameters(args, list(declared), relative_to=workdir)

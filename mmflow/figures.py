@@ -40,6 +40,7 @@ NOTEBOOK_FIGURES = {
     "3_patch_groups": (FIG_PATCH_GROUPS, FIG_PATCH_EXAMPLE),
     "4_answer_casing": (FIG_CASING, FIG_CASING_PER_TASK),
     "5_overview": (FIG_OVERVIEW,),
+    "6_across_models": ("fig6_across_models", "fig6_across_models_lens"),
 }
 YLABEL_CHANGE = "% change in answer probability"
 #: What a panel or a summary says when no example was kept.

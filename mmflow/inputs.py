@@ -12,7 +12,7 @@ from PIL import Image
 from mmflow.data import Example
 from mmflow.errors import MmflowError
 from mmflow.images import box_issues, to_rgb
-from mmflow.models import EMBEDDED_MODEL, LlavaModel, family_of, view_options
+from mmflow.models import EMBEDDED_MODELS, LlavaModel, family_of, view_options
 from mmflow.paper import (
     INPUTS,
     INSTRUCTION,
@@ -37,7 +37,8 @@ LLAMA3_HEADER = "<|start_header_id|>"
 
 def resolve_inputs(inputs: str | None, model: str) -> str:
     """The inputs mode: ``inputs`` if given; by default "paper" for real checkpoints and "processor" for the
-    embedded shapes-llava (trained on the processor's prompt; its word-level vocabulary has no system prompt).
+    embedded models (trained on their processor's prompt: shapes-llava's word-level vocabulary has no system prompt;
+    for shapes-qwen the two are the same turn).
 
     Raises:
         MmflowError: for an unknown mode.
@@ -47,7 +48,7 @@ def resolve_inputs(inputs: str | None, model: str) -> str:
         ('paper', 'processor')
     """
     if inputs is None:
-        return "processor" if model == EMBEDDED_MODEL else "paper"
+        return "processor" if model in EMBEDDED_MODELS else "paper"
     if inputs not in INPUTS:
         raise MmflowError(f"inputs must be one of {list(INPUTS)} (or None for the default), got {inputs!r}")
     return inputs

@@ -62,6 +62,7 @@ import torch
 from mmflow.checkpoints import (  # noqa: F401 (re-exported)
     EMBEDDED_MODEL,
     EMBEDDED_MODEL_DIR,
+    EMBEDDED_MODELS,
     REPO_DIR,
     check_checkpoint_folder,
     check_configs,
@@ -91,8 +92,8 @@ def _attr(obj: Any, path: str) -> Any:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the embedded model's name to its folder; other names (hub ids, folders) pass through."""
-    return str(EMBEDDED_MODEL_DIR) if name_or_path == EMBEDDED_MODEL else str(name_or_path)
+    """Map an embedded model's name to its folder; other names (hub ids, folders) pass through."""
+    return str(EMBEDDED_MODELS.get(name_or_path, name_or_path))
 
 
 #: Dtypes a model can be loaded in.
@@ -168,7 +169,7 @@ def load_model(
     """Load a LLaVA-family model and its processor; never runs code from the checkpoint.
 
     Args:
-        name_or_path: ``"shapes-llava"`` (embedded), a hub id, or a local checkpoint folder.
+        name_or_path: ``"shapes-llava"`` or ``"shapes-qwen"`` (embedded), a hub id, or a local checkpoint folder.
         device: torch device to move the model to.
         dtype: one of :data:`DTYPES` (or a torch dtype), passed to ``from_pretrained``.
         local_files_only: default: True when ``HF_HUB_OFFLINE`` is set. A hub id found in the local Hugging Face

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,9 @@ class Study:
     tasks: list[str]
     keep: str = "correct"
     status: pd.DataFrame | None = None
+    #: quiet: the accounting of each analysis is kept in :attr:`accounts` only, not shown or saved (notebook 6)
+    quiet: bool = False
+    accounts: dict[str, pd.DataFrame] = field(default_factory=dict)  #: the per-task accounting by analysis
 
     @classmethod
     def from_params(
@@ -174,6 +177,9 @@ class Study:
 
         self.status = status
         table = example_table(status, rows, self.tasks)
+        self.accounts[name] = table
+        if self.quiet:
+            return rows
         self.out_dir.mkdir(parents=True, exist_ok=True)
         table.to_csv(self.out_dir / f"{name}_examples.csv", index=False)
         display(table)

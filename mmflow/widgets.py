@@ -283,3 +283,60 @@ class LensExplorer(_Explorer):
         fig.tight_layout()
         plt.show()
         return fig
+
+
+class ModelSwitchExplorer(KnockoutExplorer):
+    """The knockout explorer with a model switch (notebook 6): the model, the flow, the window size and centres,
+    the task and the example. Switching the model swaps the loaded run, its examples and its analysis rows, and puts
+    the window on that model's own k and the centres on all of its layers.
+
+    Example::
+
+        ModelSwitchExplorer(studies, rows, ["Question->Last"]).show()  # rows[model][figure]: the analyses' rows
+    """
+
+    def __init__(self, studies: Sequence[Any], rows: dict[str, pd.DataFrame], flows: Sequence[str]):
+        import ipywidgets as widgets
+
+        self.studies = {study.run.name: study for study in studies}
+        self.model_rows = rows
+        first = studies[0]
+        super().__init__(first.run, first.examples, flows, first.k, rows.get(first.run.name))
+        self.model = widgets.Dropdown(options=list(self.studies), value=first.run.name, description="model")
+        self.model.observe(lambda _: self.switch(), names="value")
+        self._layout(self.model, self.window, self.layers, self.flow)
+        self._switching = False
+
+    def update(self, live: bool = True) -> pd.DataFrame | None:
+        """As :meth:`KnockoutExplorer.update`, except while the model switch reconfigures the controls."""
+        if getattr(self, "_switching", False):
+            return None
+        return super().update(live)
+
+    def switch(self) -> None:
+        """Load the chosen model's run, examples and rows into the panel, then draw its first kept example."""
+        study = self.studies[self.model.value]
+        self._switching = True
+        try:
+            self.run, self.examples = study.run, list(study.examples)
+            rows = self.model_rows.get(study.run.name)
+            self.rows = rows if rows is not None and len(rows) else None
+            self.known = set() if self.rows is None else set(self.rows.example_id)
+            n_layers = study.n_layers
+            self.window.max = max(self.window.max, n_layers)  # widen first: value must stay within the bounds
+            self.window.value = min(study.k, n_layers)
+            self.window.max = n_layers
+            self.layers.max = max(self.layers.max, n_layers - 1)
+            self.layers.value = (0, n_layers - 1)
+            self.layers.max = n_layers - 1
+            tasks = list(dict.fromkeys(e.task for e in self.examples))
+            self.task.options = tasks
+            self.task.value = next((e.task for e in self.examples if e.example_id in self.known), tasks[0])
+            self._sync_examples()
+        finally:
+            self._switching = False
+        self.update()
+
+    def title(self, example: Example) -> str:
+        """The model, then the setting (see :meth:`KnockoutExplorer.title`)."""
+        return f"{self.run.name} (L={self.run.n_layers}): {super().title(example)}"

@@ -75,13 +75,12 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from mmflow.paper import llava15_prompt
-from shapes_world import world
+from shapes_world import archs, world
+from shapes_world.archs import Arch
 from shapes_world.evaluate import first_token_accuracy
 
 PACKAGE_DIR = Path(__file__).parent
 STATE_DIR = PACKAGE_DIR / "train_state"  # default of --state-dir
-EXPORT_DIR = PACKAGE_DIR / "shapes-llava"  # default of --out
 
 QUERY_CAT = "QueryCat"  # the training-only family (see :func:`query_cat`)
 FAMILIES = (*world.TASKS, QUERY_CAT)
@@ -329,7 +328,7 @@ class Batch:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    pixel_values: torch.Tensor
+    pixel_inputs: dict[str, torch.Tensor]  # what the image processor returns, plus mm_token_type_ids where needed
     weights: torch.Tensor
 
 
@@ -339,29 +338,57 @@ def image_token_count(processor: LlavaProcessor) -> int:
 
 
 def encode_sequence(
-    processor: LlavaProcessor, example: world.SceneQuestion, description: str | None, desc_weight: float
+    processor,
+    example: world.SceneQuestion,
+    description: str | None,
+    desc_weight: float,
+    arch: Arch | None = None,
+    n_image_tokens: int | None = None,
 ):
-    """Token ids and loss weights of one training sequence (prompt expanded exactly as the processor does)."""
+    """Token ids and loss weights of one training sequence: the model's evaluated prompt (``arch.prompt``) with its
+    image placeholder expanded as the processor does, the Capitalized answer and its end of turn, and optionally the
+    grounding turn. By default shapes-llava's (:mod:`shapes_world.archs`) with its fixed image token count."""
+    arch = arch or archs.arch("shapes-llava")
+    n_image_tokens = n_image_tokens or image_token_count(processor)
     tok = processor.tokenizer
-    text = llava15_prompt(example.question).replace("<image>", "<image>" * image_token_count(processor))
+    text = arch.prompt(processor, example.question).replace(arch.image_token, arch.image_token * n_image_tokens)
     ids = tok(text).input_ids
     weights = [0.0] * len(ids)
-    answer = tok(f" {example.answer.capitalize()}</s>", add_special_tokens=False).input_ids
+    answer = tok(f"{arch.answer_prefix}{example.answer.capitalize()}{arch.end_of_turn}", add_special_tokens=False)
+    answer = answer.input_ids
     ids += answer
     weights += [1.0 / len(answer)] * len(answer)
     if description is not None:
-        turn = tok(DESCRIBE_TURN, add_special_tokens=False).input_ids
-        reply = tok(f" {description}</s>", add_special_tokens=False).input_ids
+        turn = tok(arch.describe_turn, add_special_tokens=False).input_ids
+        reply = tok(f"{arch.answer_prefix}{description}{arch.end_of_turn}", add_special_tokens=False).input_ids
         ids += turn + reply
         weights += [0.0] * len(turn) + [desc_weight] * len(reply)
     return ids, weights
 
 
+def pixel_inputs(processor, images: list) -> dict[str, torch.Tensor]:
+    """What the image processor gives for ``images`` (pixel values, and Qwen2-VL's ``image_grid_thw``)."""
+    return dict(processor.image_processor(images, return_tensors="pt"))
+
+
+def image_token_counts(processor, pixels: dict[str, torch.Tensor]) -> list[int]:
+    """Number of image tokens of each image: from its ``image_grid_thw`` over the merge (Qwen2-VL) or the fixed
+    count of a LLaVA processor."""
+    if "image_grid_thw" in pixels:
+        merge = processor.image_processor.merge_size
+        return [int(thw.prod()) // merge**2 for thw in pixels["image_grid_thw"]]
+    return [image_token_count(processor)] * len(pixels["pixel_values"])
+
+
 def collate(
-    processor: LlavaProcessor, examples: list[world.SceneQuestion], descriptions: list, desc_weight: float
+    processor, examples: list[world.SceneQuestion], descriptions: list, desc_weight: float, arch: Arch
 ) -> Batch:
     """Right-padded batch of training sequences."""
-    encoded = [encode_sequence(processor, ex, d, desc_weight) for ex, d in zip(examples, descriptions)]
+    pixels = pixel_inputs(processor, [ex.image for ex in examples])
+    counts = image_token_counts(processor, pixels)
+    encoded = [
+        encode_sequence(processor, ex, d, desc_weight, arch, n) for ex, d, n in zip(examples, descriptions, counts)
+    ]
     length = max(len(ids) for ids, _ in encoded)
     pad = processor.tokenizer.pad_token_id
     input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
@@ -371,15 +398,14 @@ def collate(
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention[i, : len(ids)] = 1
         weights[i, : len(w)] = torch.tensor(w)
-    pixels = processor.image_processor([ex.image for ex in examples], return_tensors="pt")["pixel_values"]
+    if arch.mm_token_type_ids:
+        pixels["mm_token_type_ids"] = (input_ids == processor.tokenizer.convert_tokens_to_ids(arch.image_token)).long()
     return Batch(input_ids, attention, pixels, weights)
 
 
-def weighted_lm_loss(model: LlavaForConditionalGeneration, batch: Batch) -> torch.Tensor:
+def weighted_lm_loss(model, batch: Batch) -> torch.Tensor:
     """Next-token cross-entropy weighted per target token, averaged over sequences."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
-    ).logits
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.pixel_inputs).logits
     targets = batch.input_ids[:, 1:]
     nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
     return (nll * batch.weights[:, 1:]).sum() / batch.input_ids.shape[0]
@@ -414,9 +440,10 @@ def patch_labels(scene: tuple[world.Obj, ...]) -> torch.Tensor:
     return labels
 
 
-def image_tokens(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Projected image tokens [B, 16, hidden], exactly as the LM receives them."""
-    features = model.model.get_image_features(pixel_values=pixel_values)
+def image_tokens(model, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Projected image tokens [B, 16, hidden], exactly as the LM receives them (in the processor's token order:
+    row-major cells for both architectures)."""
+    features = model.model.get_image_features(**pixels)
     features = features.pooler_output if hasattr(features, "pooler_output") else features
     return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
 
@@ -433,7 +460,7 @@ def align_accuracy(model, tokenizer, processor, seed: int, n: int = 64) -> dict[
     scenes = [world.random_scene(np.random.default_rng([seed, i])) for i in range(n)]
     images = [world.render(s, np.random.default_rng([seed, i, 1]))[0] for i, s in enumerate(scenes)]
     with torch.no_grad():
-        tokens = image_tokens(model, processor.image_processor(images, return_tensors="pt")["pixel_values"])
+        tokens = image_tokens(model, pixel_inputs(processor, images))
     labels = torch.stack([patch_labels(s) for s in scenes])
     objects = labels[:, :, 1] >= 0
     names = ("shape", "color", "material", "size", "side")
@@ -454,10 +481,10 @@ def alignment_loss(model, tokenizer, tokens: torch.Tensor, scenes: list) -> torc
     return ce + 10 * F.mse_loss(tokens, targets)
 
 
-def train_alignment(model, processor, args, state: TrainState) -> None:
+def train_alignment(model, processor, args, state: TrainState, arch: Arch) -> None:
     """Stage 1: fit vision tower + projector so that image tokens match their words' embeddings."""
     tokenizer = processor.tokenizer
-    params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    params = [p for module in arch.vision(model) for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.align_lr, weight_decay=0.0)
     bar = tqdm(
         range(state.align_step, args.align_steps), desc="align", initial=state.align_step, total=args.align_steps
@@ -466,8 +493,7 @@ def train_alignment(model, processor, args, state: TrainState) -> None:
         rng = np.random.default_rng([world.TRAIN_NAMESPACE, args.seed, 0, step])
         scenes = [world.random_scene(rng) for _ in range(args.batch_size)]
         images = [world.render(s, rng)[0] for s in scenes]
-        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        loss = alignment_loss(model, tokenizer, image_tokens(model, pixels), scenes)
+        loss = alignment_loss(model, tokenizer, image_tokens(model, pixel_inputs(processor, images)), scenes)
         for group in optimizer.param_groups:
             group["lr"] = args.align_lr * min(1.0, (step + 1) / args.warmup)
         optimizer.zero_grad()
@@ -590,15 +616,15 @@ def load_state(state_dir: Path, model) -> tuple[TrainState, dict | None]:
     return TrainState(**payload["state"]), payload["optimizer"]
 
 
-def export(model, processor, state: TrainState, args) -> None:
+def export(model, processor, state: TrainState, args, arch: Arch) -> None:
     """Write model + processor + training_log.json to ``args.out`` (via a temporary folder)."""
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    arch.save_processor(processor, tmp)
     log = {
-        "command": "python -m shapes_world.train",
+        "command": f"python -m shapes_world.train --model {arch.name}",
         "arguments": {k: v for k, v in vars(args).items() if k not in PATH_ARGUMENTS},
         "wall_clock_seconds": round(state.seconds, 1),
         "alignment_steps": state.align_step,
@@ -620,18 +646,19 @@ def export(model, processor, state: TrainState, args) -> None:
 def train(args) -> None:
     """Run (or resume) both stages and export the best model."""
     torch.set_num_threads(args.threads)
-    processor = build_processor()
-    model = build_model(processor.tokenizer, args.seed, args.tied_embeddings)
+    arch = archs.arch(args.model)
+    processor = arch.build_processor()
+    model = arch.build_model(processor.tokenizer, args.seed, args.tied_embeddings)
     model.train()
     state_dir = Path(args.state_dir)
     state, optimizer_state = load_state(state_dir, model)
     started = time.time() - state.seconds
     if state.align_step < args.align_steps:
-        train_alignment(model, processor, args, state)
+        train_alignment(model, processor, args, state, arch)
         state.seconds = time.time() - started
         save_state(state_dir, model, None, state)
         optimizer_state = None
-    frozen = [model.model.vision_tower, model.model.multi_modal_projector, model.get_input_embeddings()]
+    frozen = [*arch.vision(model), model.get_input_embeddings()]
     for p in (p for module in frozen for p in module.parameters()):
         p.requires_grad_(False)  # image tokens stay the aligned sums of (frozen) word embeddings
     params = [p for p in model.parameters() if p.requires_grad]
@@ -642,7 +669,7 @@ def train(args) -> None:
     bar = tqdm(total=args.steps, initial=state.step, desc="train")
     while state.step < args.steps:
         examples, descriptions = training_examples(state, args)
-        batch = collate(processor, examples, descriptions, args.desc_weight)
+        batch = collate(processor, examples, descriptions, args.desc_weight, arch)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(state.step, args)
         loss = weighted_lm_loss(model, batch)
@@ -671,14 +698,14 @@ def train(args) -> None:
             )
             if score > state.best_score:
                 state.best_score, state.best_step = score, state.step
-                export(model, processor, state, args)
+                export(model, processor, state, args, arch)
                 torch.save(model.state_dict(), state_dir / "best.pt")
             update_curriculum(state, args)
         if state.step % args.save_every == 0:
             save_state(state_dir, model, optimizer, state)
     save_state(state_dir, model, optimizer, state)
     model.load_state_dict(torch.load(state_dir / "best.pt"))
-    export(model, processor, state, args)
+    export(model, processor, state, args, arch)
     tqdm.write(
         f"done: exported step {state.best_step} (dev min/mean accuracy "
         f"{state.best_score[1]:.3f}/{state.best_score[2]:.3f}) to {args.out}"
@@ -687,9 +714,14 @@ def train(args) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default="shapes-llava", choices=sorted(archs.ARCHS), help="the embedded model to train"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(EXPORT_DIR), help="folder of the exported model (replaced)")
-    parser.add_argument("--state-dir", default=str(STATE_DIR), help="resumable training state")
+    parser.add_argument("--out", help="folder of the exported model (replaced; default shapes_world/<model>)")
+    parser.add_argument(
+        "--state-dir", help="resumable training state (default shapes_world/train_state, /<model> but for shapes-llava)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (keep 1 on a shared machine)")
     parser.add_argument(
         "--tied-embeddings", action=argparse.BooleanOptionalAction, default=True, help="LM head = input embeddings"
@@ -697,7 +729,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--align-steps", type=int, default=1000)
     parser.add_argument("--align-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=12000)
+    parser.add_argument("--steps", type=int, help="instruction-tuning steps (default: the model's recipe)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--p-describe", type=float, default=0.5, help="fraction of batches with grounding turns")
@@ -715,6 +747,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--dev-n", type=int, default=100, help="development questions per family")
     args = parser.parse_args(argv)
+    args.out = args.out or str(PACKAGE_DIR / args.model)
+    args.steps = args.steps or archs.arch(args.model).steps
+    args.state_dir = args.state_dir or str(STATE_DIR if args.model == "shapes-llava" else STATE_DIR / args.model)
     unknown = [t for t in args.curriculum if t not in FAMILIES]
     if unknown:
         parser.error(f"--curriculum: unknown family {unknown[0]!r} (known: {', '.join(FAMILIES)})")

@@ -217,10 +217,12 @@ def depth_sentences(curves: pd.DataFrame, lens: pd.DataFrame, studies: Sequence[
         for model, curve in part.groupby("model", sort=False):
             row = curve.loc[curve["mean"].idxmin()]
             if row["mean"] > -findings.SMALL_PP:
-                where.append(f"{model}: no drop beyond {findings.SMALL_PP:g}% at any depth (lowest {row['mean']:+.1f}%)")
+                lowest = f"{row['mean']:+.1f}%"
+                where.append(f"{model}: no drop beyond {findings.SMALL_PP:g}% at any depth (lowest {lowest})")
                 continue
             depths.append(row.depth)
-            where.append(f"{model}: largest drop at depth {row.depth:.2f} (layer {int(row.layer)}, {row['mean']:+.1f}%)")
+            at = f"layer {int(row.layer)}, {row['mean']:+.1f}%"
+            where.append(f"{model}: largest drop at depth {row.depth:.2f} ({at})")
         apart = f"; the drops lie {max(depths) - min(depths):.2f} of the depth apart" if len(depths) > 1 else ""
         lines.append(f"- **{flow}**: {'; '.join(where)}{apart}.")
     lower, upper = ACROSS_TOKENS

@@ -6,6 +6,8 @@ Adding a family is one :class:`Family` entry in :data:`FAMILIES` plus a test tha
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -303,20 +305,55 @@ def _image_only(processor_class: type) -> type:
     return image_only
 
 
+#: The module of transformers' tokenizer class for ``mistral_common`` tokenizers.
+MISTRAL_COMMON_MODULE = "transformers.tokenization_mistral_common"
+
+
+class _NoInstances:
+    """A class nothing is an instance of (stands for a tokenizer class whose module was never imported)."""
+
+
+@contextmanager
+def no_needless_mistral_import():
+    """While a processor is built, transformers checks its tokenizer against every tokenizer base class, importing
+    ``MistralCommonBackend``'s module to do so, which imports ``mistral_common`` and through it ``jsonschema`` and
+    ``rfc3987_syntax`` (several seconds per process, e.g. per notebook kernel). A tokenizer can only be an instance
+    of that class once its module is imported, so until then the check gets a class nothing is an instance of: the
+    outcome of the check is the same, and a Mistral tokenizer (whose module is then imported) is checked as before.
+    The original lookup is restored on exit."""
+    from transformers import processing_utils
+
+    mixin = processing_utils.ProcessorMixin
+    original = mixin.__dict__["get_possibly_dynamic_module"]
+
+    def lookup(module_name: str) -> Any:
+        if module_name == "MistralCommonBackend" and MISTRAL_COMMON_MODULE not in sys.modules:
+            return _NoInstances
+        return original.__func__(module_name)
+
+    mixin.get_possibly_dynamic_module = staticmethod(lookup)
+    try:
+        yield
+    finally:
+        mixin.get_possibly_dynamic_module = original
+
+
 def build_processor(path: str, config: Any, options: dict[str, Any]) -> Any:
     """The processor of the checkpoint at ``path`` (a folder or a hub id; ``options`` for ``from_pretrained``).
 
     ``AutoProcessor`` where it can be built; for a family with an :attr:`Family.image_only_processor` and no
     torchvision installed, that class built from the checkpoint's image processor (its PIL variant), tokenizer and
-    chat template only: images are all mmflow feeds it.
+    chat template only: images are all mmflow feeds it. Built without importing ``mistral_common`` unless the
+    tokenizer needs it (:func:`no_needless_mistral_import`).
     """
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
     name = family_of(config).image_only_processor
-    if name is None or is_torchvision_available():
-        return AutoProcessor.from_pretrained(path, **options)
-    return _image_only(_processor_class(name)).from_pretrained(path, **options)
+    with no_needless_mistral_import():
+        if name is None or is_torchvision_available():
+            return AutoProcessor.from_pretrained(path, **options)
+        return _image_only(_processor_class(name)).from_pretrained(path, **options)
 
 
 @cache

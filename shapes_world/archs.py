@@ -13,7 +13,7 @@ where the vision tower and projector live, and which extra text inputs the model
 frequency pairs, tied embeddings). Its image processor is Qwen2-VL's ``smart_resize`` with ``min_pixels`` =
 112x112 and ``max_pixels`` = 224x224: a 64x64 shapes-world picture becomes 112x112, i.e. 4x4 merged 28-px cells,
 one per 16-px world cell (16 image tokens, as shapes-llava has); other aspect ratios get other grids (a 64x48
-picture: 4x5 cells; a 640x480 GQA picture: 7x9 = 63 cells, within the 64-cell bound).
+picture: 4x5 cells; a 640x480 GQA picture: 6x9 = 54 cells, within the 64-cell bound).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def build_qwen_model(tokenizer, seed: int, tied: bool = True, layers: int = 8):
         intermediate_size=4 * HIDDEN,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=4,
         max_position_embeddings=512,
         initializer_range=1 / math.sqrt(HIDDEN),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},

@@ -191,3 +191,34 @@ def test_study_checks_every_parameter_before_the_weights(tmp_path, no_weights_lo
     params = {k: v.format(tmp=tmp_path) for k, v in params.items()}
     with pytest.raises(mu.MmflowError, match=message):
         mu.Study.from_params(**{"out_dir": str(tmp_path / "figs"), "cache_dir": str(tmp_path / "res"), **params})
+
+
+def test_processors_are_built_without_importing_mistral_common():
+    """Building a processor does not import mistral_common (and jsonschema, rfc3987_syntax: seconds per notebook
+    kernel) unless the tokenizer is a Mistral one; the class check still refuses a wrong tokenizer, and the lookup
+    is restored afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import CLIPImageProcessor, LlavaProcessor, processing_utils
+
+    from mmflow.families import no_needless_mistral_import
+
+    code = (
+        "import sys, mmflow_utils as mu; mu.load_model('shapes-llava'); mu.load_model('shapes-qwen'); "
+        "print('mistral_common' in sys.modules, 'jsonschema' in sys.modules)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split()[-2:] == ["False", "False"]
+    before = processing_utils.ProcessorMixin.__dict__["get_possibly_dynamic_module"]
+    class NotATokenizer:
+        image_token = "<image>"
+
+        def encode(self, text: str, **kwargs) -> list[int]:
+            return [0]
+
+    with pytest.raises(TypeError, match="tokenizer"), no_needless_mistral_import():
+        LlavaProcessor(image_processor=CLIPImageProcessor(), tokenizer=NotATokenizer())
+    assert processing_utils.ProcessorMixin.__dict__["get_possibly_dynamic_module"] is before

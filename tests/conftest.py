@@ -79,3 +79,15 @@ def replica_model(replica_dir):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def replica_notebooks(replica_dir, tmp_path_factory):
+    """Every notebook on every replica, started on first use in a background kernel (tests/shared_kernel.py);
+    ``.wait(family)`` returns once the family's have run, ``.jobs[family]`` says what ran where."""
+    from shared_kernel import Background
+    from test_replica_notebooks import notebook_jobs
+
+    background = Background(notebook_jobs(replica_dir, tmp_path_factory))
+    yield background
+    background.close()

@@ -1,10 +1,12 @@
 """Run real notebooks through one long-lived Jupyter kernel: papermill injects the parameters (as ``make reproduce``
 does), nbclient executes every cell. The kernel's imports (torch, transformers, mmflow) are paid once, not once per
 notebook; each notebook starts from an empty namespace (``%reset -f``) and no open figure, so it cannot read a
-variable an earlier notebook left behind."""
+variable an earlier notebook left behind. :class:`Background` runs such a kernel's notebooks while other tests run."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import nbformat
@@ -61,3 +63,43 @@ class SharedKernel:
             self.kc.stop_channels()
         if self.km is not None and self.km.has_kernel:
             run_sync(self.km.shutdown_kernel)(now=True)
+
+
+class Background:
+    """Jobs of notebooks run in order by one :class:`SharedKernel` on a background thread (the kernel is another
+    process: the CPU it needs is not the test process's), so that other tests run meanwhile on another core.
+
+    ``jobs``: ``{key: [(name, out, parameters), ...]}``; :meth:`wait` returns when a key's notebooks have run, or
+    raises what the first failing one raised.
+    """
+
+    def __init__(self, jobs: dict):
+        self.jobs, self.done = jobs, {key: Future() for key in jobs}
+        self.stopped = False
+        self.thread = threading.Thread(target=self._work, args=(jobs,), name="notebooks", daemon=True)
+        self.thread.start()
+
+    def _work(self, jobs: dict) -> None:
+        kernel = SharedKernel()
+        try:
+            for key, runs in jobs.items():
+                try:
+                    for name, out, parameters in runs:
+                        if self.stopped:
+                            raise RuntimeError("stopped before the notebooks ran")
+                        kernel.run(name, out, **parameters)
+                except BaseException as err:  # noqa: BLE001 - handed to the test that waits for this key
+                    self.done[key].set_exception(err)
+                else:
+                    self.done[key].set_result(None)
+        finally:
+            kernel.shutdown()
+
+    def wait(self, key, timeout: float = 1800) -> None:
+        """Block until ``key``'s notebooks have run; re-raise the error of the one that failed."""
+        self.done[key].result(timeout)
+
+    def close(self) -> None:
+        """Run no further notebook; wait for the one running and the kernel's shutdown."""
+        self.stopped = True
+        self.thread.join(120)

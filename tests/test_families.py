@@ -2,20 +2,17 @@
 per session): it loads as its family, its groups, its patch labels against the family's geometry written out
 independently (:mod:`mmflow.replicas.geometry`, never the processor), the naive engine against the one oracle
 (:func:`mmflow.families_check.oracle_p`: forward pre-hooks that set each layer's mask), the fast engine against the
-naive one (or its refusal, by name), the logit lens against the output, check-data on a GQA-schema fixture, and every
-notebook end to end (``keep="all"``, smoke size) through one shared kernel.
+naive one (or its refusal, by name), the logit lens against the output and check-data on a GQA-schema fixture. Every
+notebook end to end on every replica: tests/test_replica_notebooks.py.
 
 What only one family has (M-RoPE, DeepStack, Gemma 3's image block and sliding window, per-view groups, break tokens,
 tiles) is in tests/test_family_specifics_*.py."""
 
 from __future__ import annotations
 
-import json
 import re
 import sys
-from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -70,8 +67,24 @@ MARKERS = {
     "gemma3": [r"<start_of_image>", r"<end_of_image>"],
     "idefics3": [r"<fake_token_around_image>", r"<row_\d+_col_\d+>", r"<global-img>", NEWLINE],
 }
-MARKERS.update({"qwen2.5-vl": MARKERS["qwen2-vl"], "qwen3-vl": MARKERS["qwen2-vl"], "qwen3-vl-moe": MARKERS["qwen2-vl"]})
+MARKERS.update({name: MARKERS["qwen2-vl"] for name in ("qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe")})
 MARKERS.update({"mistral3": MARKERS["pixtral"], "smolvlm": MARKERS["idefics3"]})
+#: Each family's processor class and (without torchvision) its PIL image processor class.
+PROCESSORS = {
+    "llava": ("LlavaProcessor", "CLIPImageProcessorPil"),
+    "llava-next": ("LlavaNextProcessor", "LlavaNextImageProcessorPil"),
+    "llava-onevision": ("LlavaOnevisionProcessor", "LlavaOnevisionImageProcessorPil"),
+    "qwen2-vl": ("Qwen2VLProcessor", "Qwen2VLImageProcessorPil"),
+    "qwen2.5-vl": ("Qwen2_5_VLProcessor", "Qwen2VLImageProcessorPil"),
+    "qwen3-vl": ("Qwen3VLProcessor", "Qwen2VLImageProcessorPil"),
+    "qwen3-vl-moe": ("Qwen3VLProcessor", "Qwen2VLImageProcessorPil"),
+    "internvl": ("InternVLProcessor", "GotOcr2ImageProcessorPil"),
+    "pixtral": ("PixtralProcessor", "PixtralImageProcessorPil"),
+    "mistral3": ("PixtralProcessor", "PixtralImageProcessorPil"),
+    "gemma3": ("Gemma3Processor", "Gemma3ImageProcessorPil"),
+    "idefics3": ("Idefics3Processor", "Idefics3ImageProcessorPil"),
+    "smolvlm": ("SmolVLMProcessor", "SmolVLMImageProcessorPil"),
+}
 #: Pictures (size, box) whose patch labels are checked on every family, besides each replica's own: small and large,
 #: tall and wide (tiles, grids, downsampling), tiny boxes on cell edges, a box over the whole width.
 PICTURES = [
@@ -92,7 +105,13 @@ UNCHECKED = {
     ("smolvlm", (105, 84)): "edge on a pixel boundary",
 }
 #: Pictures checked on one family only (where its own tests had them).
-FAMILY_PICTURES = {"idefics3": [((64, 64), (20, 20, 1, 1)), ((200, 60), (120, 0, 60, 20))]}
+FAMILY_PICTURES = {
+    "qwen3-vl": [((128, 96), (0, 0, 32, 32)), ((128, 96), (31, 63, 2, 2))],  # 32 px cells
+    "internvl": [((84, 84), (30, 30, 10, 10)), ((150, 100), (0, 0, 150, 100))],  # one tile; everything related
+    "gemma3": [((112, 112), (0, 0, 28, 28))],
+    "idefics3": [((64, 64), (20, 20, 1, 1)), ((200, 60), (120, 0, 60, 20)), ((100, 150), (5, 100, 30, 40))],
+    "smolvlm": [((100, 150), (5, 100, 30, 40))],
+}
 #: Smallest relative change (the largest over layers) every flow must reach, so that a knockout is seen to act.
 EFFECT = 1e-4
 #: Flows that cannot act on a replica, with the reason (every other flow must).
@@ -102,6 +121,14 @@ EFFECTLESS = {
     ("gemma3", "Related patches->Question"),
 }
 LETTERS = {mu.RELATED: "R", mu.OTHER: "O", mu.NEITHER: "N"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def notebooks_meanwhile(request):
+    """Where this session also runs tests/test_replica_notebooks.py, start its notebooks now in a background kernel:
+    they run on another core while this module's tests (and the modules after it) run."""
+    if any(item.path.name == "test_replica_notebooks.py" for item in request.session.items):
+        request.getfixturevalue("replica_notebooks")
 
 
 @pytest.fixture(scope="session")
@@ -125,11 +152,6 @@ def flows_of(enc) -> list[str]:
         flows += ["image_markers->last", "image_markers->question"]
     views = sorted(g for g in enc.groups if g.startswith("related_patches@") and enc.groups[g])
     return flows + [f"{view}->last" for view in views]
-
-
-def engine_for(model) -> str:
-    """The engine the notebooks must be run with: "naive" where the family refuses the fast one (Gemma 3)."""
-    return "naive" if family_of(model).fast_refusal else "fast"
 
 
 def naive_matches_oracle(model, enc, flows, bidirectional: bool, window: int = 3):
@@ -186,9 +208,10 @@ def test_loads_as_its_family_through_the_normal_loader(replica_model, replica_di
     model, processor = replica_model(family)
     own = family_of(model)
     assert own.name == family and type(model).__name__ == own.model_class
-    if own.image_only_processor:  # built from its image processor, tokenizer and chat template only
-        assert type(processor).__name__ == own.image_only_processor
-        if not is_torchvision_available():
+    assert type(processor).__name__ == PROCESSORS[family][0]
+    if not is_torchvision_available():  # PIL image processors; no video processor, not even None
+        assert type(processor.image_processor).__name__ == PROCESSORS[family][1]
+        if own.image_only_processor:  # built from its image processor, tokenizer and chat template only
             assert "video_processor" not in type(processor).get_attributes()
     attention = sys.modules[type(models.decoder_layers(model)[0].self_attn).__module__]
     assert models.eager_attention(model) is attention.eager_attention_forward  # the backbone's own, not Llama's
@@ -308,76 +331,3 @@ def test_check_data_on_the_replica(replica_dir, tmp_path, family):
     csvs, images, total = build_gqa(tmp_path)
     rows = check_rows(str(replica_dir(family)), str(csvs), str(images))
     assert len(rows) == total and rows.usable.all() and (rows.related > 0).all() and (rows.other > 0).any()
-
-
-# --- every notebook end to end on every replica ---------------------------------------------------------------------
-
-#: The notebooks, in order (the overview reads the CSVs of the others from the same out_dir).
-NOTEBOOKS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9]*_*.ipynb"))
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    """One kernel for every notebook of every replica (see tests/shared_kernel.py)."""
-    from shared_kernel import SharedKernel
-
-    shared = SharedKernel()
-    yield shared
-    shared.shutdown()
-
-
-def notebook_parameters(folder: Path, root: Path, engine: str) -> dict:
-    """One set of parameters for every notebook (each takes those it declares): the replica, smoke size, every
-    example kept (a random replica answers few correctly), the engine the family allows."""
-    return {
-        "model": str(folder),
-        "models": [str(folder)],
-        "smoke": True,
-        "keep": "all",
-        "engine": engine,
-        "out_dir": str(root / "figures"),
-        "cache_dir": str(root / "results"),
-    }
-
-
-def check_figures(out: Path, name: str, n_layers: int) -> None:
-    """What notebook ``name`` must have written to ``out``: each figure's PNG, PDF and CSV; a CSV with layers has
-    every layer of the replica; an analysis's accounting keeps all 12 smoke examples; its manifest entry names the
-    replica's layers and inputs."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    for figure in mu.NOTEBOOK_FIGURES[name]:
-        for suffix in (".png", ".pdf", ".csv"):
-            assert (out / f"{figure}{suffix}").stat().st_size > 0, (figure, suffix)
-        table = pd.read_csv(out / f"{figure}.csv")
-        assert not table.empty, figure
-        if "layer" in table:
-            assert set(range(n_layers)) <= set(table.layer) and table.layer.max() == n_layers - 1, figure
-        if "mean" in table:
-            assert table["mean"].notna().all(), figure
-        accounting = out / f"{figure}_examples.csv"
-        if accounting.exists():
-            counts = pd.read_csv(accounting)
-            assert (counts.kept == counts.examples).all() and counts.kept.sum() == 12, figure  # smoke: 2 per task
-            assert manifest[figure]["n_layers"] == n_layers and manifest[figure]["inputs"] == "paper", figure
-            assert manifest[figure]["keep"] == "all" and manifest[figure]["examples"] == 12, figure
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_notebook_end_to_end(kernel, replica_dir, replica_model, tmp_path, family):
-    """All notebooks, in order, on the replica (Gemma 3 with engine="naive": its fast engine is refused)."""
-    model, _ = replica_model(family)
-    n_layers = mu.num_layers(model)
-    parameters = notebook_parameters(replica_dir(family), tmp_path, engine_for(model))
-    out = tmp_path / "figures"
-    for name in NOTEBOOKS:
-        kernel.run(name, tmp_path / f"{name}.ipynb", **parameters)
-        check_figures(out, name, n_layers)
-    patches = pd.read_csv(out / f"{mu.FIG_PATCH_GROUPS}.csv")
-    assert set(patches.flow) == set(mu.PATCH_FLOWS) and patches["mean"].abs().max() > 0
-    verdicts = pd.read_csv(out / "verdicts.csv")
-    assert list(verdicts.columns) == ["analysis", "paper", "this_model", "verdict", "n", "layer", "ci_low", "ci_high"]
-    computed = verdicts[verdicts.verdict != "not computed"]
-    assert len(verdicts) == 6 and len(computed) and set(computed.verdict) == {"inconclusive"}  # 12 examples: too few
-    assert (computed.n < mu.findings.MIN_EXAMPLES).all()
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest[mu.FIG_OVERVIEW] == {"model": str(replica_dir(family)), "data": "shapes"}

@@ -182,10 +182,18 @@ def fast_matches_naive(model, enc, flows, naive, window: int, budget: int) -> No
 
 
 def lens_matches_output(model, enc) -> None:
-    """The lens's top layer is the model's output (final-norm and paper views); at layer 1 the raw and final-norm
-    views are the head on the recorded hidden state, without and with the final norm."""
-    with torch.inference_mode():
-        out = model(**enc.inputs, output_hidden_states=True)
+    """The lens's top layer is the model's output (final-norm and paper views) and, in the raw view, the head on the
+    top layer's un-normed output; at layer 1 the raw and final-norm views are the head on the recorded hidden state,
+    without and with the final norm."""
+    last = []  # the top layer's raw output (hidden_states[-1] is after the final norm)
+    hook = models.decoder_layers(model)[-1].register_forward_hook(
+        lambda _m, _args, output: last.append(output[0] if isinstance(output, tuple) else output)
+    )
+    try:
+        with torch.inference_mode():
+            out = model(**enc.inputs, output_hidden_states=True)
+    finally:
+        hook.remove()
     probs = out.logits[0, -1].softmax(-1)
     tokens = {"top": int(probs.argmax()), "other": 7}
     lens = mu.logit_lens(model, enc, tokens, views=tuple(mu.LENS_VIEWS))
@@ -196,6 +204,8 @@ def lens_matches_output(model, enc) -> None:
         assert abs(view[label].loc[n - 1, "top"] - probs[tokens["top"]].item()) < 1e-6, label
     head, norm = model.get_output_embeddings(), models.final_norm(model)
     with torch.inference_mode():
+        raw_top = head(last[0][:, -1])[0].softmax(-1)[tokens["top"]].item()
+        assert abs(view[mu.RAW].loc[n - 1, "top"] - raw_top) < 1e-6  # the raw view: no final norm, even on top
         h = out.hidden_states[2][:, -1]  # the raw output of layer 1 at the last position
         assert abs(view[mu.RAW].loc[1, "other"] - head(h)[0].softmax(-1)[7].item()) < 1e-6
         assert abs(view[mu.WITH_NORM].loc[1, "other"] - head(norm(h))[0].softmax(-1)[7].item()) < 1e-6

@@ -28,9 +28,9 @@ class SharedKernel:
     def __init__(self, timeout: int = 600):
         self.timeout, self.km, self.kc = timeout, None, None
 
-    def run(self, name: str, out: Path, **parameters) -> nbformat.NotebookNode:
-        """Execute ``notebooks/<name>.ipynb`` with the ``parameters`` it declares (the others are dropped, so one
-        set of parameters serves every notebook); write the executed notebook to ``out`` and return it.
+    def run(self, name: str | Path, out: Path, **parameters) -> nbformat.NotebookNode:
+        """Execute ``notebooks/<name>.ipynb`` (or the notebook file ``name``) with the ``parameters`` it declares (the
+        others are dropped, so one set serves every notebook); write the executed notebook to ``out`` and return it.
 
         Raises:
             nbclient.exceptions.CellExecutionError: naming the failing cell and its traceback.
@@ -38,8 +38,9 @@ class SharedKernel:
         if self.km is None:  # the client does not own it, so it does not shut it down after a notebook
             self.km = AsyncKernelManager(kernel_name="python3")
             run_sync(self.km.start_kernel)(cwd=str(NOTEBOOKS))
-        declared = pm.inspect_notebook(NOTEBOOKS / f"{name}.ipynb")
-        book = load_notebook_node(str(NOTEBOOKS / f"{name}.ipynb"))  # with papermill's metadata and tags
+        source = name if isinstance(name, Path) else NOTEBOOKS / f"{name}.ipynb"
+        declared = pm.inspect_notebook(source)
+        book = load_notebook_node(str(source))  # with papermill's metadata and tags
         book = parameterize_notebook(book, {k: v for k, v in parameters.items() if k in declared})
         book.cells.insert(0, nbformat.v4.new_code_cell(RESET, metadata={"tags": ["reset"]}))
         client = NotebookClient(

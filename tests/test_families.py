@@ -297,6 +297,8 @@ def test_patch_labels_against_the_written_out_geometry(replica_model, family):
         shown, grid = base_patch_grid(model, processor, fc.picture(size, box), [box], row.inputs)
         flat = [LETTERS[float(v)] for v in grid.flatten().tolist()]
         assert flat in (got[: len(flat)], got[-len(flat) :]), (size, box)
+        cell = shown.shape[0] / grid.shape[0]  # the view is whole square cells of the grid
+        assert cell == int(cell) and shown.shape[1] == cell * grid.shape[1], (size, box, shown.shape, grid.shape)
         assert shown[:, :, 0].max() > 200 or box[2] * box[3] < 10, (size, box)  # the red box survived
 
 

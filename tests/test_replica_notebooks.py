@@ -108,3 +108,31 @@ def test_notebook_parameters_are_declared_and_data_driven():
     assert all({"model", "out_dir"} <= names for names in declared.values())
     assert sorted(mu.NOTEBOOK_FIGURES) == NOTEBOOKS
     assert engine_for("gemma3") == "naive" and engine_for("qwen2-vl") == "fast"
+
+
+def test_the_shared_kernel_injects_parameters_and_forgets_between_notebooks(tmp_path):
+    """A notebook gets the parameters it declares (the others dropped), and cannot read what an earlier notebook
+    left in the kernel; a failing cell is raised with its error."""
+    import nbformat
+    from nbclient.exceptions import CellExecutionError
+    from shared_kernel import SharedKernel
+
+    def notebook(path: Path, *sources: str) -> Path:
+        cells = [nbformat.v4.new_code_cell(sources[0], metadata={"tags": ["parameters"]})]
+        cells += [nbformat.v4.new_code_cell(source) for source in sources[1:]]
+        kernel = {"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}}
+        nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata=kernel), path)
+        return path
+
+    first = notebook(tmp_path / "a.ipynb", "x = 0", "left = x + 1")
+    second = notebook(tmp_path / "b.ipynb", "y = 0", "assert y == 5 and 'left' not in dir() and 'x' not in dir()")
+    kernel = SharedKernel(timeout=60)
+    try:
+        kernel.run(first, tmp_path / "a_out.ipynb", x=41, unknown=1)
+        injected = nbformat.read(tmp_path / "a_out.ipynb", as_version=4).cells[2].source
+        assert "x = 41" in injected and "unknown" not in injected
+        kernel.run(second, tmp_path / "b_out.ipynb", y=5)
+        with pytest.raises(CellExecutionError, match="AssertionError"):
+            kernel.run(second, tmp_path / "c_out.ipynb", y=6)
+    finally:
+        kernel.shutdown()

@@ -55,6 +55,14 @@ def picture(size: tuple[int, int], box: Sequence[float]) -> Image.Image:
     return image
 
 
+def encode_picture(model, processor, size: tuple[int, int], box: Sequence[float], inputs: str = "paper"):
+    """:func:`picture` encoded with :data:`QUESTION` (options left / right) and its patch groups: what every check
+    (and the family tests) analyse."""
+    enc = encode(processor, picture(size, box), QUESTION, ("left", "right"), config=model.config, inputs=inputs)
+    enc.groups.update(patch_groups(model, processor, enc.groups["image"], size, [box], inputs))
+    return enc
+
+
 def _sliding_window(config, layer: int) -> int | None:
     """The sliding window layer ``layer`` attends within (None: every earlier position), read from the config as
     transformers does: per layer from ``layer_types`` where the config has them, else ``sliding_window`` unless
@@ -179,10 +187,7 @@ def check(row: Replica, root: Path) -> dict[str, Any]:
         model, processor = load_model(str(build(row, root / row.family)))
         name = family_of(model).name
         out["loads"] = f"yes ({type(model).__name__})" if name == row.family else f"FAILED: loads as {name}"
-        enc = encode(
-            processor, picture(row.size, row.box), QUESTION, ("left", "right"), config=model.config, inputs=row.inputs
-        )
-        enc.groups.update(patch_groups(model, processor, enc.groups["image"], row.size, [row.box], row.inputs))
+        enc = encode_picture(model, processor, row.size, row.box, row.inputs)
         out["group_names"] = _groups(enc.groups)
         out["groups"] = ", ".join(out["group_names"])
         geometry_ok, out["geometry"] = _geometry(row, model, processor, enc)

@@ -46,3 +46,48 @@ def loaded(tiny_dirs):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def replica_dir(tmp_path_factory):
+    """``replica_dir(family)``: the folder of the family's tiny replica (its :data:`mmflow.replicas.REPLICAS` row),
+    built on first use, once per session."""
+    from mmflow.replicas import build, replica
+
+    root = tmp_path_factory.mktemp("replicas")
+    folders: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in folders:
+            folders[family] = build(replica(family), root / family)
+        return folders[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def replica_model(replica_dir):
+    """``replica_model(family)``: (model, processor) of the family's replica, loaded once per session through
+    mmflow_utils.load_model."""
+    import mmflow_utils as mu
+
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = mu.load_model(str(replica_dir(family)))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def replica_notebooks(replica_dir, tmp_path_factory):
+    """Every notebook on every replica, started on first use in a background kernel (tests/shared_kernel.py);
+    ``.wait(family)`` returns once the family's have run, ``.jobs[family]`` says what ran where."""
+    from shared_kernel import Background
+    from test_replica_notebooks import notebook_jobs
+
+    background = Background(notebook_jobs(replica_dir, tmp_path_factory))
+    yield background
+    background.close()

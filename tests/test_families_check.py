@@ -106,10 +106,22 @@ def test_a_sliding_window_is_refused_by_fast_and_honoured_by_the_oracle(tmp_path
     assert fc.check(row, tmp_path / "b")["naive"].startswith("FAILED")
 
 
-def test_specs_resolve_modules_and_files_or_name_the_culprit():
-    from mmflow.replicas import qwen
+def qwen_labels(size, box) -> list[float]:
+    """Qwen2-VL's geometry as mmflow's label values (RELATED / OTHER), for a geometry spec kept with the tests."""
+    return [fc.RELATED if label == "R" else fc.OTHER for label in geometry.qwen_vl(size, box)]
 
-    assert resolve("tests/tiny_qwen.py:build_tiny_qwen") is qwen.build_tiny_qwen
+
+def qwen_builder(folder, **kwargs):
+    """The Qwen replicas' builder, reached through a file of the tests (a builder spec kept with the tests)."""
+    from mmflow.replicas.qwen import build_tiny_qwen
+
+    return build_tiny_qwen(folder, **kwargs)
+
+
+def test_specs_resolve_modules_and_files_or_name_the_culprit():
+    from mmflow.replicas import llava
+
+    assert resolve("tests/tiny.py:build_tiny") is llava.build_tiny
     assert resolve("mmflow.replicas.geometry:qwen_vl") is geometry.qwen_vl
     for spec, message in [
         ("mmflow.replicas.geometry", "expected 'module:function'"),
@@ -125,43 +137,14 @@ def test_specs_resolve_modules_and_files_or_name_the_culprit():
 
 def test_a_builder_and_geometry_kept_with_the_tests_can_be_registered(tmp_path):
     """A family's builder and geometry may stay in tests/ (files named relative to the repository root); a geometry
-    may return mmflow's label values, as the Qwen tests' own arithmetic does."""
+    may return mmflow's label values (:func:`qwen_labels`)."""
     row = dataclasses.replace(
         replica("qwen2-vl"),
-        builder="tests/tiny_qwen.py:build_tiny_qwen",
-        geometry="tests/test_family_qwen.py:expected_labels",
+        builder="tests/test_families_check.py:qwen_builder",
+        geometry="tests/test_families_check.py:qwen_labels",
     )
     result = fc.check(row, tmp_path)
     assert result["ok"] and result["geometry"] == "agrees (4 R / 16 O / 20)"
-
-
-@pytest.mark.parametrize(
-    "size,box",
-    [
-        ((150, 100), (90, 8, 40, 30)),
-        ((112, 84), (29, 57, 2, 2)),
-        ((400, 260), (10, 200, 380, 30)),
-        ((90, 300), (10, 100, 20, 20)),
-        ((105, 84), (3, 3, 60, 60)),
-    ],
-)
-def test_the_replicas_geometry_agrees_with_each_family_tests_own_arithmetic(size, box):
-    """Two write-ups of each merged family's geometry, neither from mmflow.patches: mmflow/replicas/geometry.py (what
-    ``make families`` checks against) and the family test's ``expected_labels`` (what its tests check against)."""
-    import test_family_idefics3
-    import test_family_internvl
-    import test_family_pixtral
-    import test_family_qwen3
-
-    def letters(values):
-        return ["R" if float(v) == fc.RELATED else "O" if float(v) == fc.OTHER else "?" for v in values]
-
-    assert geometry.internvl(size, box) == letters(test_family_internvl.expected_labels(size, box)[0])
-    assert geometry.qwen3_vl(size, box) == letters(test_family_qwen3.expected_labels(size, box))
-    assert geometry.pixtral_native(size, box) == letters(test_family_pixtral.expected_labels("pixtral", size, box))
-    assert geometry.mistral3_native(size, box) == letters(test_family_pixtral.expected_labels("mistral3", size, box))
-    assert geometry.idefics3(size, box) == letters(test_family_idefics3.expected_labels(size, box)[0])
-    assert {"R", "O"} <= set(geometry.internvl(size, box)) and {"R", "O"} <= set(geometry.idefics3(size, box))
 
 
 def test_the_oracles_image_block_is_per_run_and_live(tmp_path):

@@ -11,7 +11,7 @@ Registering a family: one :class:`Replica` row in :data:`REPLICAS` whose ``famil
 :attr:`mmflow.families.Family.name`; the builder is called as ``builder(folder, **kwargs)`` and returns the folder;
 the geometry as ``geometry(size, box)`` and returns a label per image token: "R", "O", "N" or "?" (see
 :mod:`mmflow.replicas.geometry`), or mmflow's RELATED / OTHER / NEITHER values (a list or a tensor), so a test's
-own arithmetic such as ``"tests/test_family_qwen.py:expected_labels"`` can serve.
+own arithmetic such as ``"tests/test_families_check.py:qwen_labels"`` can serve.
 """
 
 from __future__ import annotations

@@ -115,9 +115,9 @@ def onevision_paper(size, box) -> list[str]:
     r0, r1, c0, c1 = _unpadded(len(rows), len(cols), width, height)
     features = torch.tensor([[float(rows[r] and cols[c]) for c in range(c0, c1)] for r in range(r0, r1)])
     per_tile = (tile // cell) ** 2
-    if features.numel() > 9 * per_tile * 1.1:
-        ratio = math.sqrt(features.numel() / (9 * per_tile))
-        shape = [int(features.shape[0] / ratio), int(features.shape[1] / ratio)]
+    ratio = math.sqrt(features.numel() / (9 * per_tile))  # the side's ratio to 9 tiles' (not the area's)
+    if ratio > 1.1:
+        shape = [int(features.shape[0] // ratio), int(features.shape[1] // ratio)]
         features = torch.nn.functional.interpolate(features[None, None], shape, mode="bilinear")[0, 0]
     for row in features.tolist():
         labels += ["R" if value > 0 else "O" for value in row] + ["N"]

@@ -38,7 +38,7 @@ def lab(tmp_path_factory):
     """JupyterLab on copies of the notebooks whose parameters ask for a smoke run; stopped afterwards."""
     root = tmp_path_factory.mktemp("lab") / "notebooks"
     root.mkdir()
-    for name in ("1_to_last_flow", "3_patch_groups", "4_answer_casing"):
+    for name in ("1_to_last_flow", "3_patch_groups", "4_answer_casing", "6_across_models"):
         book = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
         cell = next(c for c in book.cells if "parameters" in c.metadata.get("tags", []))
         cell.source += '\nsmoke = True\ntasks = ["ChooseAttr", "QueryAttr"]'
@@ -170,6 +170,15 @@ CASES = {
         [
             ("view", "select", "view", "paper's code: hidden_states (top normed)", f"{ATTR}: paper's code"),
             ("task", "select", "task", "QueryAttr", f"{QUERY}: paper's code"),
+        ],
+    ),
+    "6_across_models": (  # the model switch swaps the model, its examples and its window
+        f"shapes-llava (L=8): {ATTR}: Other patches->Question, k=3",
+        [
+            ("model", "select", "model", "shapes-qwen", "shapes-qwen (L=8): "),
+            ("flow", "select", "flow", "Question->Last", ": Question->Last, k=3"),
+            ("window", "slider", "window k", "ArrowRight", ": Question->Last, k=4"),
+            ("back", "select", "model", "shapes-llava", f"shapes-llava (L=8): {ATTR}: Question->Last, k=3"),
         ],
     ),
 }

@@ -149,7 +149,7 @@ def build_qwen_model(tokenizer, seed: int, tied: bool = True, layers: int = 8):
         intermediate_size=4 * HIDDEN,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=2,
         max_position_embeddings=512,
         initializer_range=1 / math.sqrt(HIDDEN),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},

@@ -69,7 +69,13 @@ def check_figures(out: Path, name: str, n_layers: int) -> None:
         if "mean" in table:
             assert table["mean"].notna().all(), figure
         accounting = out / f"{figure}_examples.csv"
-        if accounting.exists():
+        if figure == mu.across.FIG_ACROSS:  # notebook 6: one accounting and manifest entry per model and analysis
+            counts = pd.read_csv(accounting)
+            per = counts.groupby(["model", "analysis"])
+            assert len(per) == len(mu.ANALYSES) and (per.kept.sum() == 12).all(), figure
+            (entry,) = manifest[figure]["models"].values()
+            assert entry["n_layers"] == n_layers and entry["inputs"] == "paper" and entry["keep"] == "all", figure
+        elif accounting.exists():
             counts = pd.read_csv(accounting)
             assert (counts.kept == counts.examples).all() and counts.kept.sum() == 12, figure  # smoke: 2 per task
             assert manifest[figure]["n_layers"] == n_layers and manifest[figure]["inputs"] == "paper", figure
@@ -95,6 +101,8 @@ def test_every_notebook_end_to_end(replica_notebooks, replica_dir, family):
     assert (computed.n < mu.findings.MIN_EXAMPLES).all()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest[mu.FIG_OVERVIEW] == {"model": str(replica_dir(family)), "data": "shapes"}
+    across = pd.read_csv(out / f"{mu.across.FIG_ACROSS}_verdicts.csv")  # notebook 6 judges as the overview does
+    assert across.drop(columns="model").equals(verdicts) and set(across.model) == {str(replica_dir(family))}
 
 
 def test_notebook_parameters_are_declared_and_data_driven():
@@ -104,8 +112,8 @@ def test_notebook_parameters_are_declared_and_data_driven():
 
     declared = {name: set(pm.inspect_notebook(NOTEBOOK_DIR / f"{name}.ipynb")) for name in NOTEBOOKS}
     passed = set(notebook_parameters(Path("m"), Path("r"), "gemma3"))
-    assert passed - {"models"} <= set().union(*declared.values())
-    assert all({"model", "out_dir"} <= names for names in declared.values())
+    assert passed <= set().union(*declared.values())
+    assert all(({"model", "out_dir"} <= names) or ({"models", "out_dir"} <= names) for names in declared.values())
     assert sorted(mu.NOTEBOOK_FIGURES) == NOTEBOOKS
     assert engine_for("gemma3") == "naive" and engine_for("qwen2-vl") == "fast"
 

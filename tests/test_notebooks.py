@@ -268,6 +268,19 @@ def test_make_passes_each_notebook_its_own_parameters_with_absolute_paths(tmp_pa
     assert hub["model"] == "llava-hf/llava-1.5-7b-hf" and hub["n_per_task"] == 7
     with pytest.raises(mu.MmflowError, match="N \\(questions per task\\) must be a non-negative integer"):
         notebook_parameters(argparse.Namespace(**{**given, "n_per_task": "abc"}), declared)
+    # notebook 6: MODELS (whitespace-separated, folders placed like MODEL); else MODEL alone unless it is the default
+    across = list(pm.inspect_notebook(NOTEBOOKS / "6_across_models.ipynb"))
+    both = {**given, "models": "llava-hf/llava-1.5-7b-hf  ./my-llava"}
+    assert notebook_parameters(argparse.Namespace(**both), across)["models"] == [
+        "llava-hf/llava-1.5-7b-hf",
+        str(tmp_path / "my-llava"),
+    ]
+    assert notebook_parameters(argparse.Namespace(**{**given, "models": ""}), across)["models"] == [
+        str(tmp_path / "my-llava")
+    ]
+    default = notebook_parameters(argparse.Namespace(**{**given, "model": "shapes-llava", "models": " "}), across)
+    assert "models" not in default and "model" not in default  # the notebook's own list: both embedded models
+    assert "models" not in notebook_parameters(argparse.Namespace(**both), declared)  # notebooks 1-5 do not take it
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,9 @@ def test_overview_writes_computed_verdicts(executed):
     assert (computed.n < mu.findings.MIN_EXAMPLES).all() and (computed.ci_low <= computed.ci_high).all()
     manifest = json.loads((executed / "figures" / "manifest.json").read_text())
     assert manifest[mu.FIG_OVERVIEW] == {"model": "shapes-llava", "data": "shapes"}
-    assert {entry["examples"] for name, entry in manifest.items() if name != mu.FIG_OVERVIEW} == {12}
+    per_figure = {entry["examples"] for entry in manifest.values() if "examples" in entry}
+    per_model = {e["examples"] for entry in manifest.values() for e in entry.get("models", {}).values()}  # nb 6
+    assert per_figure == {12} and per_model == {12}
 
 
 def test_explorer_callbacks_without_browser(tmp_path):
@@ -373,8 +375,17 @@ def test_sweep_in_two_processes_equals_one_and_leaves_nothing_to_compute(tmp_pat
     one = {p.relative_to(tmp_path / "one"): p.read_bytes() for p in (tmp_path / "one").rglob("*.json")}
     two = {p.relative_to(tmp_path / "two"): p.read_bytes() for p in (tmp_path / "two").rglob("*.json")}
     assert len(one) == 6 * (1 + len(mu.ANALYSES)) and one == two  # answers + every analysis, identical bytes
-    for name in list(FIGURES)[:-1]:  # every notebook that loads the model (the overview reads CSVs only)
+    # notebook 6 compares both embedded models: a sweep of the second one (make sweep MODEL=shapes-qwen) covers it
+    subprocess.run(
+        [sys.executable, *common, "--model", "shapes-qwen", "--cache-dir", str(tmp_path / "two")],
+        check=True,
+        capture_output=True,
+    )
+    for name in [n for n in FIGURES if not n.endswith("_overview")]:  # those that load models (not the overview)
         done = make_reproduce_one(name, tmp_path / f"{name}.ipynb", tmp_path / "two", tmp_path / "figures")
         assert re.search(r"(knockout|logit lens): 0 of 6 examples computed, 6 from the cache", done.stderr), name
+        assert not re.search(r"(knockout|logit lens): [1-9]\d* of \d+ examples computed", done.stderr), name
         # measured by hooks on the model and its decoder layers, over the whole notebook (demo and explorer too)
-        assert "shapes-llava: model forwards: 0, decoder-layer calls: 0" in done.stderr, name
+        models = ["shapes-llava", "shapes-qwen"] if name.endswith("_across_models") else ["shapes-llava"]
+        for model in models:
+            assert f"{model}: model forwards: 0, decoder-layer calls: 0" in done.stderr, (name, model)

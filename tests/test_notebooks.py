@@ -397,7 +397,7 @@ def test_sweep_in_two_processes_equals_one_and_leaves_nothing_to_compute(tmp_pat
         capture_output=True,
     )
     # notebooks 1-4 (the overview reads CSVs only); notebook 6's shapes-llava part is covered by the same sweep (its
-    # shapes-qwen part still computes one analysis after `make sweep MODEL=shapes-qwen`: not yet explained, see issue 23)
+    # shapes-qwen part still computes one analysis after `make sweep MODEL=shapes-qwen`: not yet explained)
     for name in [n for n in FIGURES if not n.endswith("_overview")]:
         done = make_reproduce_one(name, tmp_path / f"{name}.ipynb", tmp_path / "two", tmp_path / "figures")
         assert re.search(r"(knockout|logit lens): 0 of 6 examples computed, 6 from the cache", done.stderr), name

@@ -29,19 +29,11 @@ from typing import Any
 import torch
 
 from mmflow.paper import INSTRUCTION, QWEN_VL_SYSTEM
+from mmflow.replicas.qwen import SPECIAL
 
-#: Qwen2-VL's special tokens (those of the released tokenizer that the single-image turn uses, plus video's).
-QWEN_SPECIALS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<unk>",
-)
+#: Qwen2-VL's special tokens (those of the released tokenizer that the single-image turn uses, plus video's), as the
+#: Qwen2-VL replicas carry them, then ``<unk>`` for the word-level vocabulary.
+QWEN_SPECIALS = (*SPECIAL, "<unk>")
 QWEN_PATCH, QWEN_MERGE = 14, 2
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 112 * 112, 224 * 224
 #: Words of the Qwen turn besides the shapes world's (system prompt and role names).

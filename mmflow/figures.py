@@ -255,13 +255,33 @@ def same_data(old: pd.DataFrame, new: pd.DataFrame) -> bool:
     return True
 
 
+def as_saved(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with every float column as its CSV file gives it back (written with :data:`FLOAT_FORMAT`, read by
+    pandas), other columns untouched: what a rerun reads, so a first run plots the very same numbers.
+
+    Example:
+        >>> as_saved(pd.DataFrame({"flow": ["x"], "mean": [-89.42200913]}))["mean"].tolist()
+        [-89.422009]
+    """
+    floats = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
+    if not floats:
+        return table
+    back = pd.read_csv(io.StringIO(table[floats].to_csv(index=False, float_format=FLOAT_FORMAT)))
+    out = table.copy()
+    for i, column in enumerate(floats):
+        out[column] = back.iloc[:, i].to_numpy()
+    return out
+
+
 def stable_table(table: pd.DataFrame, out_dir: str | Path, name: str) -> pd.DataFrame:
     """The figure data already in ``out_dir/name.csv`` if ``table`` agrees with it (see :func:`same_data`), else
-    ``table`` itself.
+    ``table`` with its floats as they will be saved (:func:`as_saved`).
 
-    Plotting and saving what this returns makes a rerun on another machine, or with other thread counts, leave
-    the figure files byte-identical, while any real change (beyond the stated tolerance) replaces them.
+    Plotting and saving what this returns makes a rerun, on this machine or another, or with other thread counts,
+    leave the figure files byte-identical (a first run draws the saved numbers too, not their unrounded forms),
+    while any real change (beyond the stated tolerance) replaces them.
     """
+    table = as_saved(table)
     path = Path(out_dir) / f"{name}.csv"
     if not path.is_file():
         return table

@@ -23,6 +23,9 @@ KEEP   ?=
 ENGINE ?=
 # The fast engine's most suffix tokens per pass (default: what fits in a quarter of the device's free memory).
 TOKEN_BUDGET ?=
+# make reproduce runs this many notebooks side by side (the per-model analyses at once), each kernel on an even
+# share of the CPU cores (unless OMP_NUM_THREADS is set); JOBS=1: one after another.
+JOBS   ?= 2
 # Extra flags for make bench (bench/bench.py --help), e.g. --wide: the models at their real widths, for a GPU.
 BENCH_FLAGS ?=
 # A trailing slash means the same folder (OUT=figures/ is OUT=figures: the committed executed copies); "/" stays "/"
@@ -42,7 +45,7 @@ ACROSS    := $(filter %_across_models.ipynb,$(RUNS))
 ANALYSES  := $(filter-out $(OVERVIEW) $(ACROSS),$(RUNS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-browser lint format lab reproduce sweep report check-data families bench toy-model toy-eval clean FORCE
+.PHONY: help venv runs test test-browser lint format lab reproduce sweep report check-data families bench toy-model toy-eval clean FORCE
 
 help: ## list the targets
 	@echo "mmflow: make TARGET [MODEL=... DATA=... IMAGES=... DEVICE=... DTYPE=... N=... OUT=... INPUTS=... KEEP=... ENGINE=... TOKEN_BUDGET=...]"
@@ -78,7 +81,13 @@ PORT ?= 8888
 lab: $(STAMP) ## JupyterLab on the notebooks (127.0.0.1, the mmflow kernel, widgets); open the URL it prints
 	$(PY) -m mmflow.lab --port $(PORT)
 
-reproduce: $(RUNS) ## run every notebook headlessly -> OUT/*.png|pdf|csv, executed copies in notebooks/executed/
+reproduce: $(STAMP) ## run every notebook headlessly (JOBS at a time) -> OUT/*.png|pdf|csv, executed copies in notebooks/executed/
+	@$(PY) -m mmflow.params --target reproduce --model "$(MODEL)" --models "$(MODELS)" --device "$(DEVICE)" \
+	  --dtype "$(DTYPE)" --n "$(N)" --out-dir "$(OUT)" --cache-dir "$(CACHE)" --inputs "$(INPUTS)" --keep "$(KEEP)" \
+	  --engine "$(ENGINE)" --jobs "$(JOBS)"
+	@MMFLOW_JOBS="$(JOBS)" $(MAKE) --no-print-directory -j"$(JOBS)" runs
+
+runs: $(RUNS) # every executed copy (what make reproduce runs, JOBS at a time)
 
 $(EXECUTED)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
 	@$(PY) -m mmflow.execute $< $@ --model "$(MODEL)" --models "$(MODELS)" --data "$(DATA)" --images "$(IMAGES)" --device "$(DEVICE)" \

@@ -273,6 +273,34 @@ def _hub_reachable(repo_id: str, name: str) -> None:
         ) from None
 
 
+def local_folder(name_or_path: str) -> Path | None:
+    """The folder a model name means (the embedded model's, or a local folder with a config.json), or None for a
+    hub id; nothing is read but the file system, no hub is asked.
+
+    Raises:
+        MmflowError: for a folder-like name that is missing, a file, or holds no config.json, and for a name that
+            is neither a folder here nor a well-formed hub id (``owner/name``).
+    """
+    path = str(EMBEDDED_MODELS.get(name_or_path, name_or_path))
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise MmflowError(f"Model folder {folder} holds no config.json")
+        return folder
+    if folder.exists():
+        raise MmflowError(f"Model folder {path} ({folder.resolve()}) is a file, not a folder")
+    if folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or ".." in path.split("/"):
+        raise MmflowError(f"Model folder {path} ({folder.resolve()}) not found")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError as err:
+        raise MmflowError(f"Model {path!r} is neither a folder here nor a hub id ({err})") from None
+    return None
+
+
 def locate(name_or_path: str, local_files_only: bool | None = None) -> Located:
     """Where a model name's files are: the embedded model's folder, a local folder, or a hub id's cached snapshot
     (then loaded as a folder); a hub id that is not cached is downloaded only if the hub answers at once.
@@ -281,16 +309,10 @@ def locate(name_or_path: str, local_files_only: bool | None = None) -> Located:
         MmflowError: for a folder that does not exist or holds no config.json, or a hub id that is not cached while
             the hub is offline or unreachable (naming the download command), in well under 2 s.
     """
-    path = str(EMBEDDED_MODELS.get(name_or_path, name_or_path))
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise MmflowError(f"Model folder {folder} holds no config.json")
+    folder = local_folder(name_or_path)
+    if folder is not None:
         return Located(str(folder), folder)
-    if folder.exists():
-        raise MmflowError(f"Model folder {path} ({folder.resolve()}) is a file, not a folder")
-    if folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
-        raise MmflowError(f"Model folder {path} ({folder.resolve()}) not found")
+    path = name_or_path
     snapshot = cached_snapshot(path)
     if snapshot is not None:
         return Located(str(snapshot[0]), snapshot[0], snapshot[1])

@@ -12,6 +12,7 @@ import ast
 import atexit
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -29,6 +30,27 @@ from mmflow.params import check_output_folder, check_run_params
 
 #: Options whose values are paths, made absolute against the caller's directory.
 PATH_OPTIONS = ("data", "images", "out_dir", "cache_dir")
+#: Set by ``make reproduce``: how many notebooks it runs side by side (``JOBS``).
+JOBS_ENV = "MMFLOW_JOBS"
+#: The variables that set a kernel's CPU threads (torch's OpenMP pool); one the user set is left alone.
+THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def parallel_jobs() -> int:
+    """How many notebooks run side by side (``$MMFLOW_JOBS``, set by ``make reproduce``; 1 if unset or not a
+    positive integer)."""
+    text = os.environ.get(JOBS_ENV, "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else 1
+
+
+def kernel_threads(jobs: int, cpus: int | None = None) -> dict[str, str]:
+    """The thread settings a notebook's kernel gets when ``jobs`` notebooks run side by side: an even share of the
+    CPU cores each (at least one), so that they do not oversubscribe the machine; nothing when one runs alone or
+    when the user set a thread count (e.g. two notebooks on 2 cores: one thread each; on 16 cores: eight)."""
+    if jobs <= 1 or any(name in os.environ for name in THREAD_ENVS):
+        return {}
+    share = str(max(1, (cpus or os.cpu_count() or 1) // jobs))
+    return {name: share for name in THREAD_ENVS}
 
 
 def notebook_parameters(args: argparse.Namespace, declared: list[str], relative_to: Path | None = None) -> dict:
@@ -95,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)  # unwinds: the kernel stops, the progress folder goes
     args.executed.parent.mkdir(parents=True, exist_ok=True)
     print(f"== {args.source.stem}", flush=True)
-    with terminal_progress(), environment(CACHE_DIR_ENV, cache_elsewhere):
+    jobs = parallel_jobs()
+    label = args.source.stem if jobs > 1 else None  # side by side, each progress line names its notebook
+    with terminal_progress(label=label), environment(CACHE_DIR_ENV, cache_elsewhere), contextlib.ExitStack() as stack:
+        for name, value in kernel_threads(jobs).items():
+            stack.enter_context(environment(name, value))
         status = _execute(pm, args, params, workdir)
     if status == 0:
         settle(args.executed)
@@ -190,9 +216,11 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def terminal_progress(interval: float = 0.5):
+def terminal_progress(interval: float = 0.5, label: str | None = None):
     """Show on stderr what the notebook's runs write to their progress file (see :data:`mmflow.cache.PROGRESS_ENV`):
-    per-example progress with an ETA in the terminal, none in the executed notebook."""
+    per-example progress with an ETA in the terminal, none in the executed notebook. With a ``label`` (notebooks
+    running side by side) every update is a whole line that starts with it, so the notebooks' lines do not overwrite
+    each other."""
     from mmflow.cache import PROGRESS_ENV
 
     remove_stale_progress()
@@ -209,6 +237,8 @@ def terminal_progress(interval: float = 0.5):
             while True:
                 finished = done.is_set()
                 text = handle.read()
+                if text and label is not None:
+                    text = "".join(f"[{label}] {line.strip()}\n" for line in re.split(r"[\r\n]", text) if line.strip())
                 if text:
                     sys.stderr.write(text)
                     sys.stderr.flush()

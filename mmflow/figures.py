@@ -6,6 +6,7 @@ notebooks, tests and the Makefile never spell a file name twice.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -296,11 +297,30 @@ def stable_table(table: pd.DataFrame, out_dir: str | Path, name: str) -> pd.Data
 def record_provenance(out_dir: str | Path, name: str, **provenance: Any) -> None:
     """Note in ``out_dir/manifest.json`` what figure ``name`` was computed from (model, data, examples, window)."""
     path = Path(out_dir) / MANIFEST
-    manifest = read_manifest(out_dir)
-    manifest[name] = provenance
-    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir):  # notebooks that run side by side (make reproduce JOBS=2) each add their entry
+        manifest = read_manifest(out_dir)
+        manifest[name] = provenance
+        tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path):
+    """Hold an exclusive lock on ``folder`` itself (``flock`` on the directory: no lock file is left behind) until
+    the block ends; other processes wait. Where ``flock`` does not exist (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:

@@ -97,6 +97,7 @@ def check_run_params(
         MmflowError: prefixed with the ``make`` variable and its value (``DEVICE='cuda': ...``).
     """
     from mmflow.cache import TOKEN_BUDGET_ENV, env_token_budget
+    from mmflow.checkpoints import local_folder
     from mmflow.data import parse_n
     from mmflow.engines import ENGINES
     from mmflow.inputs import resolve_inputs
@@ -104,6 +105,7 @@ def check_run_params(
     from mmflow.runs import check_keep
 
     checks: list[tuple[str, str | None, Callable[[], object]]] = [
+        ("MODEL", model, lambda: local_folder(model or EMBEDDED_MODEL)),
         ("DTYPE", dtype, lambda: check_dtype_device(dtype or "float32", "cpu")),
         ("DEVICE", device, lambda: check_dtype_device("float32", device or "cpu")),
         ("INPUTS", inputs, lambda: resolve_inputs(inputs or None, model or EMBEDDED_MODEL)),
@@ -130,12 +132,19 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
     parser.add_argument("--target", default="reproduce")
-    for name in ("model", "device", "dtype", "inputs", "keep", "n", "out_dir", "cache_dir", "engine"):
+    for name in ("model", "device", "dtype", "inputs", "keep", "n", "out_dir", "cache_dir", "engine", "models", "jobs"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
     args = vars(parser.parse_args(argv))
-    target = args.pop("target")
+    target, models, jobs = args.pop("target"), args.pop("models") or "", args.pop("jobs")
     try:
         check_run_params(**args)
+        for model in models.split():  # notebook 6's MODELS, each like MODEL
+            try:
+                check_run_params(model, inputs=args["inputs"])
+            except MmflowError as err:
+                raise MmflowError(f"MODELS={models!r}: {str(err).split(': ', 1)[-1]}") from None
+        if jobs is not None and not (jobs.strip().isdigit() and int(jobs) > 0):
+            raise MmflowError(f"JOBS={jobs!r}: how many notebooks run side by side must be a positive integer")
     except MmflowError as err:
         print(f"make {target}: {err}", file=sys.stderr)
         return 2

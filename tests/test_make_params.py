@@ -50,8 +50,11 @@ def tracked_state() -> tuple[str, dict[str, str]]:
 
 @pytest.mark.parametrize(
     "parameter",
-    ["DEVICE=cuda", "DTYPE=float8", "INPUTS=bogus", "KEEP=some", "ENGINE=turbo", "OUT=/", "OUT=", "CACHE=/etc/mmflow"],
-)
+    [
+        "DEVICE=cuda", "DTYPE=float8", "INPUTS=bogus", "KEEP=some", "ENGINE=turbo", "OUT=/", "OUT=",
+        "CACHE=/etc/mmflow", "MODEL=./no-such-model", "MODELS=shapes-qwen bogus/../x", "JOBS=0",
+    ],
+)  # fmt: skip
 def test_make_reproduce_refuses_a_bad_parameter_before_writing_anything(parameter):
     """Each was checked inside the notebook, after the committed executed copy had been overwritten (or, for OUT=/,
     after 32 files were written into /)."""
@@ -310,3 +313,60 @@ def test_a_killed_make_reproduce_leaves_no_progress_folder(tmp_path):
         assert not left.exists() and live.exists()
     finally:
         live.rmdir()
+
+
+def test_notebooks_side_by_side_share_the_cores_and_label_their_progress(tmp_path, monkeypatch, capsys):
+    """make reproduce JOBS=2: each kernel gets half the cores (unless the user set a thread count), and every
+    progress update is a whole line naming its notebook (two bars would overwrite each other with carriage returns)."""
+    from mmflow.cache import PROGRESS_ENV
+    from mmflow.execute import kernel_threads, parallel_jobs, terminal_progress
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MMFLOW_JOBS", "2")
+    assert parallel_jobs() == 2 and kernel_threads(2, cpus=2) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert kernel_threads(3, cpus=16)["OMP_NUM_THREADS"] == "5" and kernel_threads(1, cpus=16) == {}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert kernel_threads(2, cpus=2) == {}  # the user's setting wins
+    monkeypatch.setenv("MMFLOW_JOBS", "two")
+    assert parallel_jobs() == 1
+    with terminal_progress(interval=0.05, label="1_to_last_flow"), open(os.environ[PROGRESS_ENV], "a") as bar:
+        bar.write("\rknockout:  10%|#  | 24/240\rknockout:  20%|## | 48/240")
+        bar.flush()
+        time.sleep(0.3)
+        bar.write("\rknockout: 100%|###| 240/240\nshapes-llava: model forwards: 720\n")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line for line in err.splitlines() if line] == [
+        "[1_to_last_flow] knockout:  10%|#  | 24/240",
+        "[1_to_last_flow] knockout:  20%|## | 48/240",
+        "[1_to_last_flow] knockout: 100%|###| 240/240",
+        "[1_to_last_flow] shapes-llava: model forwards: 720",
+    ]
+
+
+def _record_many(out_dir: str, start: int) -> None:
+    from mmflow.figures import record_provenance
+
+    for i in range(start, start + 25):
+        record_provenance(out_dir, f"fig{i}", model="m", n=i)
+
+
+def test_manifest_keeps_every_entry_when_notebooks_write_it_side_by_side(tmp_path):
+    """Four processes add 25 figures each to one manifest at once: none is lost (the manifest is read, changed and
+    replaced under a lock on the folder), and no lock file is left in the figures folder."""
+    import multiprocessing
+
+    from mmflow.figures import read_manifest
+
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_record_many, args=(str(tmp_path), 25 * k)) for k in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
+    manifest = read_manifest(tmp_path)
+    assert sorted(manifest) == sorted(f"fig{i}" for i in range(100))
+    assert manifest["fig42"] == {"model": "m", "n": 42}
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]

@@ -311,7 +311,7 @@ def test_a_first_run_draws_the_numbers_a_rerun_reads(tmp_path):
     first = mmflow.figures.stable_table(table, tmp_path, "fig")
     assert first["mean"].tolist() == [-89.422009, 0.115235, 0.333333] and first["layer"].tolist() == [0, 1, 2]
     images = []
-    for run in range(2):
+    for _ in range(2):
         data = mmflow.figures.stable_table(table, tmp_path, "fig")
         fig, ax = plt.subplots()
         ax.plot(data["layer"], data["mean"])

@@ -39,12 +39,27 @@ def die_with_launcher() -> bool:
     return True
 
 
+def compute_analyses(run, examples, engine: str, keep: str, shard: tuple[int, int] = (0, 1)):
+    """Compute (or find in the run's cache) this shard of every analysis the notebooks declare
+    (:data:`mmflow.study.ANALYSES`) with the model's default window, as the notebooks do; yields each analysis'
+    name when it is done."""
+    from mmflow.paper import default_window
+    from mmflow.study import ANALYSES
+
+    k = default_window(run.n_layers)
+    for name, (kind, flows) in ANALYSES.items():
+        if kind == "knockout":
+            run.knockout(examples, flows, k, engine, shard=shard, keep=keep)
+        else:
+            run.lens(examples, shard=shard, keep=keep)
+        yield name
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run this process's shard of every analysis; the main process prints what was computed."""
     from accelerate import PartialState
 
     from mmflow.data import load_examples, parse_n
-    from mmflow.paper import default_window
     from mmflow.params import check_run_params
     from mmflow.runs import Run
     from mmflow.study import ANALYSES
@@ -79,12 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, device=device, dtype=args.dtype, cache_dir=args.cache_dir, inputs=args.inputs or None
         )
         examples = load_examples(args.data, args.images or None, n=parse_n(args.n))
-        k = default_window(run.n_layers)
-        for name, (kind, flows) in ANALYSES.items():
-            if kind == "knockout":
-                run.knockout(examples, flows, k, args.engine or "fast", shard=shard, keep=keep)
-            else:
-                run.lens(examples, shard=shard, keep=keep)
+        for name in compute_analyses(run, examples, args.engine or "fast", keep, shard):
             if state.is_main_process:
                 print(f"sweep: {name} done on shard 0 of {state.num_processes}", flush=True)
     except MmflowError as err:

@@ -36,6 +36,15 @@ JOBS_ENV = "MMFLOW_JOBS"
 THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def kernel_pythonpath() -> str:
+    """The kernel's ``PYTHONPATH``: this checkout first (the folder that holds the ``mmflow`` package running this
+    command), then the caller's. The kernel then imports this checkout's code, models and notebooks' helpers, not
+    whatever checkout the virtual environment's editable install points at (a venv shared by two clones)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return os.pathsep.join([root, *rest])
+
+
 def parallel_jobs() -> int:
     """How many notebooks run side by side (``$MMFLOW_JOBS``, set by ``make reproduce``; 1 if unset or not a
     positive integer)."""
@@ -120,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = parallel_jobs()
     label = args.source.stem if jobs > 1 else None  # side by side, each progress line names its notebook
     with terminal_progress(label=label), environment(CACHE_DIR_ENV, cache_elsewhere), contextlib.ExitStack() as stack:
+        stack.enter_context(environment("PYTHONPATH", kernel_pythonpath()))
         for name, value in kernel_threads(jobs).items():
             stack.enter_context(environment(name, value))
         status = _execute(pm, args, params, workdir)

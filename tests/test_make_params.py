@@ -370,3 +370,19 @@ def test_manifest_keeps_every_entry_when_notebooks_write_it_side_by_side(tmp_pat
     assert sorted(manifest) == sorted(f"fig{i}" for i in range(100))
     assert manifest["fig42"] == {"model": "m", "n": 42}
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_the_kernel_imports_this_checkout_first(monkeypatch):
+    """A venv shared by two clones has its editable install point at one of them; the notebooks' kernels must run
+    the checkout make runs in (seen: a kernel loaded another clone's older shapes-qwen, silently)."""
+    from mmflow.execute import kernel_pythonpath
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/elsewhere", str(ROOT), "/other"]))
+    assert kernel_pythonpath().split(os.pathsep) == [str(ROOT), "/elsewhere", "/other"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert kernel_pythonpath() == str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", "import mmflow; print(mmflow.__file__)"],
+        env={**os.environ, "PYTHONPATH": kernel_pythonpath()}, cwd="/", capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == str(ROOT / "mmflow" / "__init__.py")

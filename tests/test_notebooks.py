@@ -396,10 +396,12 @@ def test_sweep_in_two_processes_equals_one_and_leaves_nothing_to_compute(tmp_pat
         check=True,
         capture_output=True,
     )
-    # notebooks 1-4 (the overview reads CSVs only); notebook 6's shapes-llava part is covered by the same sweep (its
-    # shapes-qwen part still computes one analysis after `make sweep MODEL=shapes-qwen`: not yet explained)
+    # notebooks 1-4 and 6 (the overview reads CSVs only): every analysis of both models comes from the sweeps
     for name in [n for n in FIGURES if not n.endswith("_overview")]:
         done = make_reproduce_one(name, tmp_path / f"{name}.ipynb", tmp_path / "two", tmp_path / "figures")
         assert re.search(r"(knockout|logit lens): 0 of 6 examples computed, 6 from the cache", done.stderr), name
+        assert not re.search(r"(knockout|logit lens): [1-9]\d* of \d+ examples computed", done.stderr), name
         # measured by hooks on the model and its decoder layers, over the whole notebook (demo and explorer too)
         assert "shapes-llava: model forwards: 0, decoder-layer calls: 0" in done.stderr, name
+        if name.endswith("_across_models"):
+            assert "shapes-qwen: model forwards: 0, decoder-layer calls: 0" in done.stderr

@@ -29,7 +29,8 @@ widgets      the knockout and logit-lens explorers
 study        :class:`Study`, what every notebook shares
 ===========  ===========================================================================================
 
-Commands behind ``make``: ``execute`` (``make reproduce``, one notebook), ``sweep`` (``make sweep``, Accelerate),
+Commands behind ``make``: ``execute`` (``make reproduce``, one notebook), ``warm`` (``make reproduce``: notebook 6's
+other models, computed beside notebooks 1-4), ``sweep`` (``make sweep``, Accelerate),
 ``lab`` (``make lab``), ``report`` (``make report``), ``check_data`` (``make check-data``), ``families_check``
 (``make families``: every family live on its tiny replica from the ``replicas`` package);
 ``params`` checks the parameters of ``make reproduce`` and ``make sweep`` before anything is written.

@@ -284,3 +284,20 @@ def merge_cached(cache_dir: str | Path, key: str, examples: Sequence[Example]) -
             f"{len(missing)} examples not computed yet in {cache.folder} (e.g. {missing[:3]}): run the missing shards"
         )
     return results
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path):
+    """Hold an exclusive lock on ``folder`` itself (``flock`` on the directory: no lock file is left behind) until
+    the block ends; other processes wait. Where ``flock`` does not exist (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock

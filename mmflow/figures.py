@@ -6,7 +6,6 @@ notebooks, tests and the Makefile never spell a file name twice.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmflow.cache import folder_lock
 from mmflow.data import Example
 from mmflow.errors import MmflowError
 from mmflow.lens import ANSWER, WITH_NORM
@@ -304,23 +304,6 @@ def record_provenance(out_dir: str | Path, name: str, **provenance: Any) -> None
         tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
         os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def folder_lock(folder: str | Path):
-    """Hold an exclusive lock on ``folder`` itself (``flock`` on the directory: no lock file is left behind) until
-    the block ends; other processes wait. Where ``flock`` does not exist (Windows) the block runs unlocked."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on Linux or macOS
-        yield
-        return
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(handle)  # releases the lock
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:

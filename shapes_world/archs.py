@@ -127,7 +127,7 @@ def build_qwen_processor():
         return build_processor(folder, Qwen2VLConfig(), {"local_files_only": True})
 
 
-def build_qwen_model(tokenizer, seed: int, tied: bool = True, layers: int = 8):
+def build_qwen_model(tokenizer, seed: int, tied: bool = True, layers: int = 8, kv_heads: int = 2):
     """A freshly initialised shapes-qwen (seeded; see the module docstring)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -141,7 +141,7 @@ def build_qwen_model(tokenizer, seed: int, tied: bool = True, layers: int = 8):
         intermediate_size=4 * HIDDEN,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         initializer_range=1 / math.sqrt(HIDDEN),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},

@@ -245,28 +245,50 @@ def _idefics3_sizes(width: int, height: int) -> tuple[tuple[int, int], tuple[int
     return (w1, h1), (w2, h2)
 
 
-def _chained_hits(n_in: int, steps: list[int], lo: float, hi: float) -> list[bool]:
+def _chained_hits(n_in: int, steps: list[int], lo: float, hi: float) -> list[bool | None]:
     """Per pixel of an axis resized (nearest neighbour, pixel centres) from ``n_in`` px through each of ``steps``
-    in turn: does the original pixel it samples lie in the box's [lo, hi) range?"""
-    sources = list(range(steps[-1]))
+    in turn: does the original pixel it samples lie in the box's [lo, hi) range? None where that depends on an
+    exact tie: a pixel centre that maps exactly onto a source pixel boundary, which PIL's floating-point nearest
+    neighbour may resolve to either side (e.g. 84 -> 102 -> 128 px: rows 95-96 sample source row 63 exactly, PIL
+    gives 62)."""
+    sources = [{i} for i in range(steps[-1])]
     for n_out, n_from in reversed(list(zip(steps, [n_in, *steps[:-1]]))):
-        sources = [math.floor((i + 0.5) * n_from / n_out) for i in sources]
-    return [math.floor(lo) <= s < math.ceil(hi) for s in sources]
+        nxt = []
+        for options in sources:
+            found = set()
+            for i in options:
+                top, rest = divmod((2 * i + 1) * n_from, 2 * n_out)  # (i + 0.5) * n_from / n_out, exactly
+                found |= {top - 1, top} if rest == 0 and top > 0 else {top}
+            nxt.append(found)
+        sources = nxt
+    hits = [{math.floor(lo) <= s < math.ceil(hi) for s in options} for options in sources]
+    return [next(iter(h)) if len(h) == 1 else None for h in hits]
+
+
+def _cells3(hits: list[bool | None], cell: int) -> list[bool | None]:
+    """:func:`_cells` for hits that may be undecided (None): True if a pixel surely hits, False if none can, else
+    None."""
+    out = []
+    for c in range(0, len(hits), cell):
+        part = hits[c : c + cell]
+        out.append(True if True in part else (None if None in part else False))
+    return out
 
 
 def idefics3(size, box) -> list[str]:
     """Idefics3 / SmolVLM: the two resizes (:func:`_idefics3_sizes`), the result cut into ``TILE`` px tiles
     (row-major), each tile's tokens row-major over ``PATCH * SCALE`` px cells (the pixel shuffle folds SCALE x SCALE
-    patches into a token); then the global image, the tiled image squashed to one tile, last."""
+    patches into a token); then the global image, the tiled image squashed to one tile, last. ``"?"``: a token
+    whose label depends on an exact tie of the resize (see :func:`_chained_hits`), either label is right."""
     (width, height), (x, y, w, h) = size, box
     (w1, h1), (w2, h2) = _idefics3_sizes(width, height)
     tile, cell = idefics3_replica.TILE, idefics3_replica.PATCH * idefics3_replica.SCALE
     xs, ys = _chained_hits(width, [w1, w2], x, x + w), _chained_hits(height, [h1, h2], y, y + h)
     gx, gy = _chained_hits(width, [w1, w2, tile], x, x + w), _chained_hits(height, [h1, h2, tile], y, y + h)
 
-    def one_tile(hit_y: list[bool], hit_x: list[bool]) -> list[str]:
-        rows, cols = _cells(hit_y, cell), _cells(hit_x, cell)
-        return ["R" if r and c else "O" for r in rows for c in cols]
+    def one_tile(hit_y: list[bool | None], hit_x: list[bool | None]) -> list[str]:
+        rows, cols = _cells3(hit_y, cell), _cells3(hit_x, cell)
+        return ["O" if r is False or c is False else "R" if r and c else "?" for r in rows for c in cols]
 
     tiles = [
         one_tile(ys[r * tile : (r + 1) * tile], xs[c * tile : (c + 1) * tile])

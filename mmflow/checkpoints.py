@@ -289,7 +289,7 @@ def local_folder(name_or_path: str) -> Path | None:
         return folder
     if folder.exists():
         raise MmflowError(f"Model folder {path} ({folder.resolve()}) is a file, not a folder")
-    if folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or ".." in path.split("/"):
+    if folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
         raise MmflowError(f"Model folder {path} ({folder.resolve()}) not found")
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id

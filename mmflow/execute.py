@@ -62,6 +62,21 @@ def kernel_threads(jobs: int, cpus: int | None = None) -> dict[str, str]:
     return {name: share for name in THREAD_ENVS}
 
 
+def compared_models(model: str | None, models: str | None) -> list[str] | None:
+    """The models notebook 6 compares in a run: ``MODELS`` (whitespace-separated) if given, else the one ``MODEL``
+    the run names unless it is the default; None: the notebook's own ``models`` default (both embedded models).
+
+    Example:
+        >>> compared_models("shapes-llava", " "), compared_models("my/llava", ""), compared_models("x", "a b")
+        (None, ['my/llava'], ['a', 'b'])
+    """
+    if (models or "").split():
+        return (models or "").split()
+    if model and model != EMBEDDED_MODEL:
+        return [model]
+    return None
+
+
 def notebook_parameters(args: argparse.Namespace, declared: list[str], relative_to: Path | None = None) -> dict:
     """The parameters to pass: the given options this notebook declares, paths resolved against the directory the
     command runs in (then written relative to ``relative_to``, the notebook's working directory, if given, so an
@@ -81,18 +96,16 @@ def notebook_parameters(args: argparse.Namespace, declared: list[str], relative_
             return place(model)
         return model
 
+    compared = compared_models(given.get("model"), given.get("models"))
     for name in PATH_OPTIONS:
         if given.get(name) and not (name == "data" and given[name] == "shapes"):
             given[name] = place(given[name])
     if given.get("model"):
         given["model"] = place_model(given["model"])
-    # notebook 6's list: MODELS (whitespace-separated); else the one MODEL a run names, unless it is the default
-    if given.get("models", "").split():
-        given["models"] = [place_model(m) for m in given["models"].split()]
-    elif given.get("model") and given["model"] != EMBEDDED_MODEL:
-        given["models"] = [given["model"]]
-    else:
+    if compared is None:
         given.pop("models", None)
+    else:
+        given["models"] = [place_model(m) for m in compared]
     if "n_per_task" in given:
         given["n_per_task"] = parse_n(given["n_per_task"])
     return {name: value for name, value in given.items() if name in declared}

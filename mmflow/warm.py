@@ -19,19 +19,17 @@ from mmflow.errors import MmflowError
 
 
 def across_models(notebook: Path, model: str | None, models: str | None) -> list[str]:
-    """The models notebook 6 compares in a ``make reproduce`` run: ``MODELS`` (whitespace-separated) if given; else
-    ``MODEL`` alone if it is not the default; else the notebook's own ``models`` default (read from its parameters
-    cell), as :func:`mmflow.execute.notebook_parameters` hands them on."""
+    """The models notebook 6 compares in a ``make reproduce`` run (:func:`mmflow.execute.compared_models`, which
+    hands them to the notebook), the notebook's own ``models`` default read from its parameters cell where the run
+    names none."""
     import papermill as pm
 
-    from mmflow.checkpoints import EMBEDDED_MODEL
+    from mmflow.execute import compared_models
 
-    if (models or "").split():
-        return (models or "").split()
-    if model and model != EMBEDDED_MODEL:
-        return [model]
-    declared = pm.inspect_notebook(str(notebook))
-    return list(ast.literal_eval(declared["models"]["default"]))
+    compared = compared_models(model, models)
+    if compared is not None:
+        return compared
+    return list(ast.literal_eval(pm.inspect_notebook(str(notebook))["models"]["default"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,12 +42,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from mmflow.checkpoints import EMBEDDED_MODEL
     from mmflow.data import load_examples, parse_n
     from mmflow.execute import kernel_threads, parallel_jobs, terminal_progress
     from mmflow.runs import Run
     from mmflow.sweep import compute_analyses
 
-    others = [m for m in across_models(args.notebook, args.model, args.models) if m != (args.model or None)]
+    others = [m for m in across_models(args.notebook, args.model, args.models) if m != (args.model or EMBEDDED_MODEL)]
     threads = kernel_threads(parallel_jobs()).get("OMP_NUM_THREADS")
     if threads:
         torch.set_num_threads(int(threads))

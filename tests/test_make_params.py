@@ -386,3 +386,13 @@ def test_the_kernel_imports_this_checkout_first(monkeypatch):
         env={**os.environ, "PYTHONPATH": kernel_pythonpath()}, cwd="/", capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert done.stdout.strip() == str(ROOT / "mmflow" / "__init__.py")
+
+
+def test_warm_computes_exactly_the_models_notebook_6_gets_besides_model():
+    """mmflow.warm and the notebook take their list from one rule (mmflow.execute.compared_models)."""
+    from mmflow.warm import across_models
+
+    source = ROOT / "notebooks" / "6_across_models.ipynb"
+    assert across_models(source, "shapes-llava", "") == ["shapes-llava", "shapes-qwen"]  # the notebook's default
+    assert across_models(source, "my/llava", " ") == ["my/llava"]
+    assert across_models(source, "shapes-llava", "a/b ./c") == ["a/b", "./c"]

@@ -41,9 +41,14 @@ def _hits(n_out: int, n_in: int, lo: float, hi: float, offset: int = 0, n_canvas
     ]
 
 
-def _cells(hits: list[bool], cell: int) -> list[bool]:
-    """Per ``cell``-px cell of an axis: does any of its pixels hit?"""
-    return [any(hits[c : c + cell]) for c in range(0, len(hits), cell)]
+def _cells(hits: list[bool | None], cell: int) -> list[bool | None]:
+    """Per ``cell``-px cell of an axis: does any of its pixels hit? For hits that may be undecided (None, see
+    :func:`_chained_hits`): True if a pixel surely hits, False if none can, else None."""
+    out = []
+    for c in range(0, len(hits), cell):
+        part = hits[c : c + cell]
+        out.append(True if True in part else None if None in part else False)
+    return out
 
 
 def _best_resolution(width: int, height: int, pinpoints) -> tuple[int, int]:
@@ -265,16 +270,6 @@ def _chained_hits(n_in: int, steps: list[int], lo: float, hi: float) -> list[boo
     return [next(iter(h)) if len(h) == 1 else None for h in hits]
 
 
-def _cells3(hits: list[bool | None], cell: int) -> list[bool | None]:
-    """:func:`_cells` for hits that may be undecided (None): True if a pixel surely hits, False if none can, else
-    None."""
-    out = []
-    for c in range(0, len(hits), cell):
-        part = hits[c : c + cell]
-        out.append(True if True in part else (None if None in part else False))
-    return out
-
-
 def idefics3(size, box) -> list[str]:
     """Idefics3 / SmolVLM: the two resizes (:func:`_idefics3_sizes`), the result cut into ``TILE`` px tiles
     (row-major), each tile's tokens row-major over ``PATCH * SCALE`` px cells (the pixel shuffle folds SCALE x SCALE
@@ -287,7 +282,7 @@ def idefics3(size, box) -> list[str]:
     gx, gy = _chained_hits(width, [w1, w2, tile], x, x + w), _chained_hits(height, [h1, h2, tile], y, y + h)
 
     def one_tile(hit_y: list[bool | None], hit_x: list[bool | None]) -> list[str]:
-        rows, cols = _cells3(hit_y, cell), _cells3(hit_x, cell)
+        rows, cols = _cells(hit_y, cell), _cells(hit_x, cell)
         return ["O" if r is False or c is False else "R" if r and c else "?" for r in rows for c in cols]
 
     tiles = [

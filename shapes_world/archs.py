@@ -57,8 +57,12 @@ class Arch:
     #: (processor, folder): write the processor's files as the family's released checkpoints have them
     save_processor: Callable[[Any, Path], None]
     mm_token_type_ids: bool = False  #: the model wants ``mm_token_type_ids`` (1 on image tokens)
-    #: instruction-tuning steps of its recipe (shapes-qwen: fewer, so that it trains within 90 min on one core)
+    #: instruction-tuning steps of its recipe (shapes-qwen: fewer, so that it trains within 2 h on this machine)
     steps: int = 12000
+    #: the default system turn its prompt carries ("" for none), and the fraction of training sequences that leave it
+    #: out (see :mod:`shapes_world.train`, ``--p-no-system``)
+    system_turn: str = ""
+    p_no_system: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------------ shapes-qwen
@@ -231,6 +235,8 @@ def _qwen_arch() -> Arch:
         save_processor=lambda processor, folder: save_qwen_processor_files(folder, processor.tokenizer),
         mm_token_type_ids=True,
         steps=7000,
+        system_turn=f"<|im_start|>system\n{QWEN_VL_SYSTEM}<|im_end|>\n",
+        p_no_system=0.5,
     )
 
 

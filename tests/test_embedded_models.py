@@ -64,6 +64,46 @@ def test_training_sequences_are_what_the_processor_encodes(qwen):
     assert arch.prompt(processor, "Q?") == mu.build_prompt(processor, "Q?", "paper", config)
 
 
+def test_sequences_without_the_system_turn_are_the_prompt_less_that_turn(qwen):
+    """``--p-no-system``: such a sequence is the processor's encoding of the same turn with its default system turn
+    cut off the front, and nothing else changes (image tokens, token types, answer)."""
+    from shapes_world import train
+
+    _, processor = qwen
+    arch = archs.arch("shapes-qwen")
+    assert arch.system_turn and arch.p_no_system > 0
+    examples = [world.sample(task, (9, i)) for i, task in enumerate(world.TASKS)]
+    batch = train.collate(processor, examples, [None] * len(examples), 0.1, arch, [False] * len(examples))
+    cut = len(processor.tokenizer(arch.system_turn).input_ids)
+    for i, ex in enumerate(examples):
+        enc = processor(text=[arch.prompt(processor, ex.question)], images=[ex.image], return_tensors="pt")
+        assert processor.tokenizer.decode(enc["input_ids"][0, :cut]).replace(" ", "") == arch.system_turn.replace(
+            " ", ""
+        )
+        n = enc["input_ids"].shape[1] - cut
+        assert torch.equal(batch.input_ids[i, :n], enc["input_ids"][0, cut:])
+        assert torch.equal(batch.pixel_inputs["mm_token_type_ids"][i, :n], enc["mm_token_type_ids"][0, cut:])
+        answer = processor.tokenizer.convert_ids_to_tokens(batch.input_ids[i, n : n + 2].tolist())
+        assert answer == [ex.answer.capitalize(), "<|im_end|>"]
+    with pytest.raises(ValueError, match="system turn"):
+        train.encode_sequence(processor, examples[0], None, 0.1, archs.arch("shapes-llava"), 16, system=False)
+
+
+def test_dropping_the_system_turn_draws_from_its_own_stream():
+    """The option changes which sequences keep the system turn and nothing else of a batch, so a recipe without it
+    (shapes-llava's) draws exactly the batches it drew before the option existed; shapes-llava refuses it."""
+    from shapes_world import train
+
+    state = train.TrainState(step=17, active=3, dev_accuracy={"ChooseAttr": 0.5})
+    plain = train.training_examples(state, train.parse_args(["--model", "shapes-qwen", "--p-no-system", "0"]))
+    dropped = train.training_examples(state, train.parse_args(["--model", "shapes-qwen"]))
+    assert [e.question for e in plain[0]] == [e.question for e in dropped[0]] and plain[1] == dropped[1]
+    assert all(plain[2]) and 0 < dropped[2].count(False) < len(dropped[2])
+    assert train.parse_args(["--model", "shapes-llava"]).p_no_system == 0
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "shapes-llava", "--p-no-system", "0.5"])
+
+
 @pytest.mark.parametrize("name", ["shapes-llava", "shapes-qwen"])
 def test_checkpoint_is_what_make_toy_model_trains(name):
     """The shipped checkpoint's training log records the defaults of ``make toy-model MODEL=<name>``, ran to the end,
@@ -76,6 +116,8 @@ def test_checkpoint_is_what_make_toy_model_trains(name):
     if "model" not in log["arguments"]:  # shapes-llava was trained before --model existed (its only model then)
         assert name == "shapes-llava"
         defaults.pop("model")
+    if "p_no_system" not in log["arguments"]:  # nor --p-no-system, which draws nothing when 0 (its default)
+        assert name == "shapes-llava" and defaults.pop("p_no_system") == 0
     assert log["arguments"] == defaults and log["curriculum"] == defaults["curriculum"]
     assert log["steps"] == defaults["steps"] and log["history"][-1]["step"] == defaults["steps"]
     grounding_from = max(log["unlocked_at_step"][-1], math.ceil(defaults["describe_from"] * defaults["steps"]))

@@ -139,18 +139,7 @@ def test_checkpoint_is_what_make_toy_model_trains(name):
     assert torch.equal(shipped.get_input_embeddings().weight, fresh.get_input_embeddings().weight)
 
 
-#: shapes-qwen as shipped falls short of the 0.90 bar (issue 23): its 7,000-step run ended at QWEN_SHORTFALL; strict,
-#: so this test fails as soon as a retrained checkpoint meets the bar and the mark must go.
-QWEN_SHORTFALL = "toy-eval ChooseCat 0.450, LogicalObj 0.525, CompareAttr 0.700, ChooseAttr 0.840"
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "shapes-llava",
-        pytest.param("shapes-qwen", marks=pytest.mark.xfail(strict=True, reason=f"known shortfall: {QWEN_SHORTFALL}")),
-    ],
-)
+@pytest.mark.parametrize("name", ["shapes-llava", "shapes-qwen"])
 def test_answers_fresh_questions_from_the_image(name):
     """On a split no training or default evaluation uses: >= 0.90 per task; with blank pictures <= 0.6."""
     from shapes_world.evaluate import first_token_accuracy

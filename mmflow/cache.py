@@ -112,17 +112,17 @@ class ResultCache:
     def write(self, digest: str, result: dict[str, Any]) -> dict[str, Any]:
         """Write atomically (a unique temporary file, then rename); returns the result as read back."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        payload = {**result, "example_digest": digest}
+        text = json.dumps({**result, "example_digest": digest})  # one string, written at once and read back
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{digest[:12]}-", suffix=TMP_SUFFIX)
         try:
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a shared cache's group
             with os.fdopen(fd, "w") as handle:
-                json.dump(payload, handle)
+                handle.write(text)
             os.replace(tmp, self.path(digest))
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return json.loads(json.dumps(payload))  # the same types a later read gives
+        return json.loads(text)  # the same types a later read gives
 
     def remove_stale(self, age: float = STALE_SECONDS) -> list[Path]:
         """Remove the temporary files of writes killed mid-way: older than ``age`` seconds (a write holds its
@@ -248,23 +248,41 @@ def run_cached(
     Returns:
         This shard's results; :func:`merge_cached` collects all shards.
     """
+    return run_cached_together(examples, [(key, compute, desc)], cache_dir, shard)[0]
+
+
+def run_cached_together(
+    examples: Sequence[Example],
+    jobs: Sequence[tuple[str, Callable[[Example, str], dict[str, Any]], str]],
+    cache_dir: str | Path,
+    shard: tuple[int, int] = (0, 1),
+) -> list[list[dict[str, Any]]]:
+    """:func:`run_cached` for several configurations ``jobs`` (``(key, compute, desc)``) example by example: each
+    example of the shard is visited once, by every job in turn (so what they share about it can be reused while it
+    is at hand), and each job's results and cache files are the ones :func:`run_cached` would give it alone.
+
+    Returns:
+        Per job, this shard's results.
+    """
     stream = _progress_stream()
-    cache = ResultCache(cache_dir, key)
-    cache.remove_stale()
-    results, computed = [], 0
+    caches = [ResultCache(cache_dir, key) for key, _, _ in jobs]
+    for cache in caches:
+        cache.remove_stale()
+    results: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    computed = [0] * len(jobs)
+    desc = jobs[0][2] if len(jobs) == 1 else "analyses"
     for example in _progress_bar(stream)(shard_of(examples, shard), desc=desc, leave=False):
         example = example.with_image()  # decoded once, for the digest and the computation
         digest = example.digest()
-        result = cache.read(digest)
-        if result is None:
-            result, computed = cache.write(digest, compute(example, digest)), computed + 1
-        results.append(result)
+        for i, ((_, compute, _), cache) in enumerate(zip(jobs, caches)):
+            result = cache.read(digest)
+            if result is None:
+                result, computed[i] = cache.write(digest, compute(example, digest)), computed[i] + 1
+            results[i].append(result)
     if stream is not None:  # measured and printed: after `make sweep`, `make reproduce` computes nothing
-        print(
-            f"{desc}: {computed} of {len(results)} examples computed, {len(results) - computed} from the cache",
-            file=stream,
-            flush=True,
-        )
+        for (_, _, what), done, found in zip(jobs, computed, results):
+            print(f"{what}: {done} of {len(found)} examples computed, {len(found) - done} from the cache", file=stream,
+                  flush=True)  # fmt: skip
         if stream is not sys.stderr:
             stream.close()  # the progress file opened for this run
     return results

@@ -12,9 +12,8 @@ from PIL import Image
 from mmflow.data import Example
 from mmflow.errors import MmflowError
 from mmflow.images import box_issues, to_rgb
-from mmflow.models import EMBEDDED_MODELS, LlavaModel, family_of, view_options
+from mmflow.models import LlavaModel, family_of, view_options
 from mmflow.paper import (
-    INPUTS,
     INSTRUCTION,
     LLAMA3_SUFFIX,
     LLAMA3_SYSTEM,
@@ -29,29 +28,11 @@ from mmflow.paper import (
     qwen_vl_prompt,
     vicuna_prompt,
 )
+from mmflow.params import resolve_inputs  # noqa: F401 (re-exported)
 from mmflow.patches import model_view, patch_groups
 from mmflow.words import locate_object, locate_options
 
 LLAMA3_HEADER = "<|start_header_id|>"
-
-
-def resolve_inputs(inputs: str | None, model: str) -> str:
-    """The inputs mode: ``inputs`` if given; by default "paper" for real checkpoints and "processor" for the
-    embedded models (trained on their processor's prompt: shapes-llava's word-level vocabulary has no system prompt;
-    for shapes-qwen the two are the same turn).
-
-    Raises:
-        MmflowError: for an unknown mode.
-
-    Example:
-        >>> resolve_inputs(None, "llava-hf/llava-1.5-7b-hf"), resolve_inputs(None, "shapes-llava")
-        ('paper', 'processor')
-    """
-    if inputs is None:
-        return "processor" if model in EMBEDDED_MODELS else "paper"
-    if inputs not in INPUTS:
-        raise MmflowError(f"inputs must be one of {list(INPUTS)} (or None for the default), got {inputs!r}")
-    return inputs
 
 
 def paper_template(processor, config) -> str:

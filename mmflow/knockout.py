@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -86,6 +87,32 @@ def has_empty_group(flow: Flow, groups: Mapping[str, Sequence[int]]) -> bool:
         True
     """
     return any(isinstance(p, str) and p in groups and not groups[p] for p in flow_parts(flow, groups))
+
+
+def first_target(flows: Sequence[Flow], encoded: Encoded) -> int | None:
+    """The first target position of the flows this example resolves (a flow naming a group its encoding lacks or
+    leaves empty is passed over); None if it resolves none. The fast engine needs clean hidden states from there on.
+
+    Example:
+        >>> import torch
+        >>> enc = Encoded({"input_ids": torch.zeros(1, 6)}, {"image": [0, 1], "question": [2, 3], "last": [5]}, "")
+        >>> first_target(["Image->Last", "Image->Question", "Related patches->Question"], enc)
+        2
+    """
+    firsts = []
+    for flow in flows:
+        with contextlib.suppress(MmflowError):
+            if not has_empty_group(flow, encoded.groups):
+                firsts.append(min(flow_positions(flow, encoded.groups, encoded.length)[1]))
+    return min(firsts, default=None)
+
+
+def clean_run_for(model: LlavaModel, encoded: Encoded, engine: str, keep_from: int) -> Clean:
+    """The clean run :func:`knockout_sweep` makes for ``engine`` (under the same attention), keeping hidden states
+    from ``keep_from`` on: one clean run that the sweeps of several flow sets on this example can share (pass it as
+    their ``clean``; it is read, never changed)."""
+    with torch.inference_mode(), knockout_attention(model):
+        return clean_run(model, encoded, keep_cache=get_engine(engine).needs_cache, keep_from=keep_from)
 
 
 def check_flows(flows: Sequence[Flow]) -> None:

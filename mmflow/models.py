@@ -78,6 +78,7 @@ from mmflow.families import (  # noqa: F401 (re-exported)
     family_of,
     view_options,
 )
+from mmflow.params import DTYPES, check_device, check_dtype  # noqa: F401 (DTYPES re-exported)
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
@@ -96,40 +97,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(EMBEDDED_MODELS.get(name_or_path, name_or_path))
 
 
-#: Dtypes a model can be loaded in.
-DTYPES = ("float32", "float16", "bfloat16")
-
-
 def check_dtype_device(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """The torch dtype for ``dtype``, after checking both names.
+    """The torch dtype for ``dtype``, after checking both (:func:`~mmflow.params.check_dtype`,
+    :func:`~mmflow.params.check_device`).
 
     Raises:
         MmflowError: naming ``dtype`` or ``device`` and the allowed values.
     """
-    if not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
-        raise MmflowError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise MmflowError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from err
-    check_device_available(device)
+    if not isinstance(dtype, torch.dtype):
+        check_dtype(dtype)
+    check_device(device)
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def check_device_available(device: str) -> None:
-    """Raise unless this machine has ``device`` (a CUDA device of that index, or MPS); ``cpu`` always exists.
-
-    Raises:
-        MmflowError: naming ``device`` and what this machine has.
-    """
-    kind = torch.device(device)
-    if kind.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (kind.index or 0) >= count:
-            found = f"{count} CUDA device(s)" if torch.backends.cuda.is_built() else "a torch built without CUDA"
-            raise MmflowError(f"device {device!r} is not available: this machine has {found}; use device='cpu'")
-    elif kind.type == "mps" and not torch.backends.mps.is_available():
-        raise MmflowError(f"device {device!r} is not available: this machine has no MPS (Apple GPU); use device='cpu'")
 
 
 def _check_loaded(model: Any, info: dict[str, Any], where: str) -> None:

@@ -1,10 +1,14 @@
-"""The parameters of ``make reproduce`` and ``make sweep``, checked before anything runs or is written.
+"""The parameters of a run: the named choices (dtype, device, inputs, keep, engine) and their checks, which the
+library applies (``Run.load``, ``Study.from_params``) and ``make reproduce`` and ``make sweep`` apply before anything
+runs or is written.
 
-Each check is the one the library itself applies (:func:`~mmflow.models.check_dtype_device`,
-:func:`~mmflow.runs.check_keep`, :func:`~mmflow.inputs.resolve_inputs`, :func:`~mmflow.data.parse_n`,
-:func:`~mmflow.cache.env_token_budget`); a refused value is named by its ``make`` variable, so a bad parameter
-stops the run before a notebook (or a committed executed copy) is touched. Output folders (``OUT``, ``CACHE``)
-must be folders the user can write and may not be a system folder, the home folder itself or the project root.
+The checks load no torch (a ``cpu`` device needs none; another device imports it to look), so the check that every
+``make reproduce`` notebook process makes first costs no second of imports. ``make`` uses the same checks
+(:func:`check_dtype`, :func:`check_device`, :func:`check_keep`, :func:`check_engine`, :func:`resolve_inputs`,
+:func:`~mmflow.data.parse_n`, :func:`~mmflow.cache.env_token_budget`); a refused value is named by its ``make``
+variable, so a bad parameter stops the run before a notebook (or a committed executed copy) is touched. Output
+folders (``OUT``, ``CACHE``) must be folders the user can write and may not be a system folder, the home folder
+itself or the project root.
 """
 
 from __future__ import annotations
@@ -13,7 +17,16 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from mmflow.checkpoints import EMBEDDED_MODEL, EMBEDDED_MODELS
 from mmflow.errors import MmflowError
+from mmflow.paper import INPUTS
+
+#: Dtypes a model can be loaded in.
+DTYPES = ("float32", "float16", "bfloat16")
+#: Which examples a run analyses: the paper's filter (answered correctly), or all of them.
+KEEP = ("correct", "all")
+#: The knockout engines, by name (:data:`mmflow.engines.ENGINES` implements each; tested).
+ENGINE_NAMES = ("fast", "naive")
 
 #: Folders never written to themselves (nor the home folder, nor the project root).
 SYSTEM_FOLDERS = (
@@ -74,9 +87,77 @@ def check_output_folder(path: str | Path | None, name: str, owned: bool = False)
     return folder
 
 
-def _check_engine(engine: str, engines) -> None:
-    if engine not in engines:
-        raise MmflowError(f"engine must be one of {list(engines)}, got {engine!r}")
+def check_dtype(dtype: str) -> None:
+    """Raise unless ``dtype`` names one of :data:`DTYPES`.
+
+    Raises:
+        MmflowError: naming the parameter and the allowed values.
+    """
+    if dtype not in DTYPES:
+        raise MmflowError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+
+
+def check_device(device: str) -> None:
+    """Raise unless ``device`` is a torch device this machine has (a CUDA device of that index, or MPS); ``cpu``
+    always exists and is accepted without importing torch.
+
+    Raises:
+        MmflowError: naming ``device`` and what this machine has.
+    """
+    if device == "cpu":
+        return
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise MmflowError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from err
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (kind.index or 0) >= count:
+            found = f"{count} CUDA device(s)" if torch.backends.cuda.is_built() else "a torch built without CUDA"
+            raise MmflowError(f"device {device!r} is not available: this machine has {found}; use device='cpu'")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise MmflowError(f"device {device!r} is not available: this machine has no MPS (Apple GPU); use device='cpu'")
+
+
+def check_keep(keep: str) -> None:
+    """Raise unless ``keep`` is one of :data:`KEEP`.
+
+    Raises:
+        MmflowError: naming the parameter.
+    """
+    if keep not in KEEP:
+        raise MmflowError(f"keep must be one of {list(KEEP)}, got {keep!r}")
+
+
+def check_engine(engine: str) -> None:
+    """Raise unless ``engine`` is one of :data:`ENGINE_NAMES`.
+
+    Raises:
+        MmflowError: naming the parameter and the engines.
+    """
+    if engine not in ENGINE_NAMES:
+        raise MmflowError(f"engine must be one of {list(ENGINE_NAMES)}, got {engine!r}")
+
+
+def resolve_inputs(inputs: str | None, model: str) -> str:
+    """The inputs mode: ``inputs`` if given; by default "paper" for real checkpoints and "processor" for the
+    embedded models (trained on their processor's prompt: shapes-llava's word-level vocabulary has no system prompt;
+    for shapes-qwen the two are the same turn).
+
+    Raises:
+        MmflowError: for an unknown mode.
+
+    Example:
+        >>> resolve_inputs(None, "llava-hf/llava-1.5-7b-hf"), resolve_inputs(None, "shapes-llava")
+        ('paper', 'processor')
+    """
+    if inputs is None:
+        return "processor" if model in EMBEDDED_MODELS else "paper"
+    if inputs not in INPUTS:
+        raise MmflowError(f"inputs must be one of {list(INPUTS)} (or None for the default), got {inputs!r}")
+    return inputs
 
 
 def check_run_params(
@@ -99,18 +180,14 @@ def check_run_params(
     from mmflow.cache import TOKEN_BUDGET_ENV, env_token_budget
     from mmflow.checkpoints import local_folder
     from mmflow.data import parse_n
-    from mmflow.engines import ENGINES
-    from mmflow.inputs import resolve_inputs
-    from mmflow.models import EMBEDDED_MODEL, check_dtype_device
-    from mmflow.runs import check_keep
 
     checks: list[tuple[str, str | None, Callable[[], object]]] = [
         ("MODEL", model, lambda: local_folder(model or EMBEDDED_MODEL)),
-        ("DTYPE", dtype, lambda: check_dtype_device(dtype or "float32", "cpu")),
-        ("DEVICE", device, lambda: check_dtype_device("float32", device or "cpu")),
+        ("DTYPE", dtype, lambda: check_dtype(dtype or "float32")),
+        ("DEVICE", device, lambda: check_device(device or "cpu")),
         ("INPUTS", inputs, lambda: resolve_inputs(inputs or None, model or EMBEDDED_MODEL)),
         ("KEEP", keep, lambda: check_keep(keep or "correct")),
-        ("ENGINE", engine, lambda: _check_engine(engine or "fast", ENGINES)),
+        ("ENGINE", engine, lambda: check_engine(engine or "fast")),
         ("N", n, lambda: parse_n(n or "")),
         ("TOKEN_BUDGET", os.environ.get(TOKEN_BUDGET_ENV), env_token_budget),
         ("OUT", out_dir, lambda: check_output_folder(out_dir, "OUT", owned=True)),

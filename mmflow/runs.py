@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +14,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mmflow.cache import ResultCache, check_unique_ids, config_key, run_cached
+from mmflow.cache import ResultCache, check_unique_ids, config_key, run_cached, run_cached_together
 from mmflow.checkpoints import locate
 from mmflow.data import Example
 from mmflow.errors import MmflowError
+from mmflow.fast import Clean
 from mmflow.identity import Identity, model_identity
-from mmflow.inputs import Encoded, encode_example, resolve_inputs
-from mmflow.knockout import check_flows, check_window, has_empty_group, knockout_sweep
+from mmflow.inputs import Encoded, encode_example
+from mmflow.knockout import check_flows, check_window, clean_run_for, first_target, has_empty_group, knockout_sweep
 from mmflow.lens import ANSWER, FALSE_OPTION, LENS_VIEWS, answer_token_ids, logit_lens, token_label
 from mmflow.models import (
     EMBEDDED_MODEL,
@@ -32,10 +33,9 @@ from mmflow.models import (
     num_layers,
 )
 from mmflow.paper import Flow, default_window, flow_name, flows_need_patches
+from mmflow.params import KEEP, check_keep, resolve_inputs  # noqa: F401 (KEEP re-exported)
 
 DEFAULT_CACHE_DIR = REPO_DIR / "results"
-#: Which examples a run analyses: the paper's filter (answered correctly), or all of them.
-KEEP = ("correct", "all")
 #: Columns of the rows of :meth:`Run.knockout` and :meth:`Run.lens` (also when no example is kept).
 KNOCKOUT_COLUMNS = (
     "flow",
@@ -51,16 +51,6 @@ KNOCKOUT_COLUMNS = (
     "task",
 )
 LENS_COLUMNS = ("view", "layer", "token", "token_id", "prob", "example_id", "task")
-
-
-def check_keep(keep: str) -> None:
-    """Raise unless ``keep`` is one of :data:`KEEP`.
-
-    Raises:
-        MmflowError: naming the parameter.
-    """
-    if keep not in KEEP:
-        raise MmflowError(f"keep must be one of {list(KEEP)}, got {keep!r}")
 
 
 def _status(example: Example) -> dict[str, Any]:
@@ -127,6 +117,33 @@ def check_writable_folder(folder: str | Path, parameter: str) -> Path:
     return path
 
 
+#: One analysis over examples for :func:`~mmflow.cache.run_cached_together`: ``(cache key, compute, progress label)``.
+Job = tuple[str, Callable[[Example, str], dict[str, Any]], str]
+
+
+@dataclass
+class _Reuse:
+    """What the analyses of :meth:`Run.analyses` share about the example at hand: its encodings (with and without
+    patch groups) and one clean run, kept from the first target of any of their flows."""
+
+    flows: list[Flow]
+    digest: str = ""
+    encoded: dict[bool, Encoded] = field(default_factory=dict)
+    clean: tuple[dict[str, torch.Tensor], Clean] | None = None
+
+    def at(self, digest: str) -> _Reuse:
+        """This, holding nothing of another example than ``digest``'s."""
+        if digest != self.digest:
+            self.digest, self.encoded, self.clean = digest, {}, None
+        return self
+
+
+def _same_inputs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
+    )
+
+
 @dataclass
 class Run:
     """A loaded model with its processor and the settings every experiment on it shares.
@@ -150,6 +167,7 @@ class Run:
     computed: dict[str, int] = field(default_factory=lambda: {"forwards": 0, "layer_calls": 0}, repr=False)
     #: the SHA-256 identity of the checkpoint's files (see :mod:`mmflow.identity`)
     identity: Identity | None = None
+    _reuse: _Reuse | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         def count(what: str):
@@ -223,7 +241,13 @@ class Run:
     def _encode_or_record(self, example: Example, digest: str, patches: bool) -> tuple[Encoded | None, dict[str, Any]]:
         """The example's encoding and status; an example that cannot be encoded is recorded with the reason."""
         try:
-            encoded = self.encode(example, patches)
+            if self._reuse is None:
+                encoded = self.encode(example, patches)
+            else:
+                reuse = self._reuse.at(digest)
+                if patches not in reuse.encoded:
+                    reuse.encoded[patches] = self.encode(example, patches)
+                encoded = reuse.encoded[patches]
         except MmflowError as err:
             return None, {**_status(example), "predicted": None, "correct": False, "error": str(err), "located": {}}
         return encoded, self._check(example, encoded, digest)
@@ -253,6 +277,12 @@ class Run:
             skipped_flows``). An example that cannot be encoded is not fatal: its ``error`` says why.
         """
         check_unique_ids(examples)
+        key, compute, desc = self._knockout_job(examples, flows, window, engine, keep)
+        return self._frames(run_cached(examples, compute, self.cache_dir, key, shard, desc=desc), KNOCKOUT_COLUMNS)
+
+    def _knockout_job(
+        self, examples: Sequence[Example], flows: Sequence[Flow], window: int | None, engine: str, keep: str
+    ) -> Job:
         check_keep(keep)
         check_flows(flows)
         k = default_window(self.n_layers) if window is None else check_window(window)
@@ -283,13 +313,27 @@ class Run:
             rows = []
             if (status["correct"] or keep == "all") and len(skipped) < len(flows):
                 usable = [f for name, f in zip(names, flows) if name not in skipped]
-                sweep = knockout_sweep(self.model, encoded, usable, k, engine)
+                clean = self._reused_clean(encoded, usable, engine)
+                sweep = knockout_sweep(self.model, encoded, usable, k, engine, clean=clean)
                 rows = sweep.assign(example_id=example.example_id, task=example.task).to_dict("records")
             return {**status, "skipped_flows": skipped, "rows": rows}
 
-        return self._frames(
-            run_cached(examples, compute, self.cache_dir, key, shard, desc="knockout"), KNOCKOUT_COLUMNS
-        )
+        return key, compute, "knockout"
+
+    def _reused_clean(self, encoded: Encoded, flows: Sequence[Flow], engine: str) -> Clean | None:
+        """Within :meth:`analyses`: the example's shared clean run (made, or made again from an earlier position,
+        when this sweep needs hidden states from before where it keeps them); else None (the sweep makes its own)."""
+        reuse = self._reuse
+        if reuse is None:
+            return None
+        needed = first_target(flows, encoded)
+        if needed is None:  # no flow resolves: the sweep says why
+            return None
+        held = reuse.clean
+        if held is None or held[1].keep_from > needed or not _same_inputs(held[0], encoded.inputs):
+            keep_from = min(needed, first_target(reuse.flows, encoded) or needed)
+            reuse.clean = (encoded.inputs, clean_run_for(self.model, encoded, engine, keep_from))
+        return reuse.clean[1]
 
     def lens(
         self, examples: Sequence[Example], shard: tuple[int, int] = (0, 1), keep: str = "correct"
@@ -301,6 +345,10 @@ class Run:
             ``(rows, status)`` as in :meth:`knockout`; rows have ``view, layer, token, token_id, prob``.
         """
         check_unique_ids(examples)
+        key, compute, desc = self._lens_job(keep)
+        return self._frames(run_cached(examples, compute, self.cache_dir, key, shard, desc=desc), LENS_COLUMNS)
+
+    def _lens_job(self, keep: str) -> Job:
         check_keep(keep)
         key = "lens-" + config_key(kind="lens", model=self.fingerprint, dtype=self.dtype, inputs=self.inputs, keep=keep)
         tok = self.processor.tokenizer
@@ -321,7 +369,45 @@ class Run:
                 rows = frame.assign(example_id=example.example_id, task=example.task).to_dict("records")
             return {**status, "rows": rows}
 
-        return self._frames(run_cached(examples, compute, self.cache_dir, key, shard, desc="logit lens"), LENS_COLUMNS)
+        return key, compute, "logit lens"
+
+    def analyses(
+        self,
+        examples: Sequence[Example],
+        specs: Sequence[tuple[str, Sequence[Flow]]],
+        window: int | None = None,
+        engine: str = "fast",
+        shard: tuple[int, int] = (0, 1),
+        keep: str = "correct",
+    ) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+        """Several analyses, each ``("knockout", flows)`` or ``("lens", ())``, example by example: while an example
+        is at hand it is encoded once (per kind of groups) and its clean run is made once, for all its knockouts.
+        Each analysis' rows, status and cache files are those :meth:`knockout` or :meth:`lens` give it alone
+        (tested, bit for bit).
+
+        Returns:
+            Per analysis, ``(rows, status)``.
+
+        Raises:
+            MmflowError: for an unknown kind, and what :meth:`knockout` and :meth:`lens` raise.
+        """
+        check_unique_ids(examples)
+        unknown = [kind for kind, _ in specs if kind not in ("knockout", "lens")]
+        if unknown:
+            raise MmflowError(f"An analysis is a 'knockout' or a 'lens', got {unknown[0]!r}")
+        jobs = [
+            self._knockout_job(examples, flows, window, engine, keep) if kind == "knockout" else self._lens_job(keep)
+            for kind, flows in specs
+        ]
+        self._reuse = _Reuse([f for kind, flows in specs if kind == "knockout" for f in flows])
+        try:
+            results = run_cached_together(examples, jobs, self.cache_dir, shard)
+        finally:
+            self._reuse = None
+        return [
+            self._frames(found, KNOCKOUT_COLUMNS if kind == "knockout" else LENS_COLUMNS)
+            for (kind, _), found in zip(specs, results)
+        ]
 
     @staticmethod
     def _frames(results: list[dict[str, Any]], columns: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:

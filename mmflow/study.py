@@ -22,7 +22,7 @@ import pandas as pd
 
 from mmflow.cache import CACHE_DIR_ENV, progress_note
 from mmflow.data import EMBEDDED_DATA, Example, load_examples
-from mmflow.engines import ENGINES, block_mask
+from mmflow.engines import block_mask
 from mmflow.errors import MmflowError
 from mmflow.figures import (
     FIG_CASING,
@@ -33,12 +33,13 @@ from mmflow.figures import (
     save_figure,
     stable_table,
 )
-from mmflow.inputs import Encoded, resolve_inputs
+from mmflow.inputs import Encoded
 from mmflow.knockout import check_window, flow_positions
 from mmflow.lens import LENS_VIEWS
 from mmflow.models import LlavaModel, check_dtype_device
 from mmflow.paper import IMAGE_TO_QUESTION, PATCH_FLOWS, TASKS, TO_LAST_FLOWS, Flow, default_window, window_layers
-from mmflow.runs import Run, check_keep, check_writable_folder
+from mmflow.params import check_engine, check_keep, resolve_inputs
+from mmflow.runs import Run, check_writable_folder
 from mmflow.tables import example_table, wrong_answers
 
 #: Questions per task in a smoke run (the tests' quick pass through every notebook).
@@ -63,8 +64,7 @@ def _check_params(
         )
     if window is not None:
         check_window(window)
-    if engine not in ENGINES:
-        raise MmflowError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    check_engine(engine)
     check_dtype_device(dtype, device)
     check_keep(keep)
 

@@ -41,18 +41,14 @@ def die_with_launcher() -> bool:
 
 def compute_analyses(run, examples, engine: str, keep: str, shard: tuple[int, int] = (0, 1)):
     """Compute (or find in the run's cache) this shard of every analysis the notebooks declare
-    (:data:`mmflow.study.ANALYSES`) with the model's default window, as the notebooks do; yields each analysis'
-    name when it is done."""
+    (:data:`mmflow.study.ANALYSES`) with the model's default window, as the notebooks do, example by example
+    (:meth:`~mmflow.runs.Run.analyses`: each example encoded once and its clean run made once for all its
+    knockouts); yields each analysis' name when they are done."""
     from mmflow.paper import default_window
     from mmflow.study import ANALYSES
 
-    k = default_window(run.n_layers)
-    for name, (kind, flows) in ANALYSES.items():
-        if kind == "knockout":
-            run.knockout(examples, flows, k, engine, shard=shard, keep=keep)
-        else:
-            run.lens(examples, shard=shard, keep=keep)
-        yield name
+    run.analyses(examples, list(ANALYSES.values()), default_window(run.n_layers), engine, shard, keep)
+    yield from ANALYSES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -363,3 +363,38 @@ def test_each_image_file_is_decoded_once_per_computed_example(tmp_path, monkeypa
     again = cache.run_cached(examples, compute, tmp_path / "cache", "k")
     assert again == first and calls == ["0", "1", "2"]  # all from the cache
     assert len(opened) == 4  # cached: each image decoded once more, for its content digest
+
+
+def test_analyses_together_equal_each_alone_and_share_each_examples_work(run, tiny_dirs, tmp_path, monkeypatch):
+    """``Run.analyses`` (make sweep, notebook 6's other models in make reproduce) visits each example once for every
+    analysis: it is encoded once per kind of groups and its clean run is made once for all its knockouts; every
+    analysis' rows, status and result files are the ones it gives alone, byte for byte."""
+    examples = examples_for(run)
+    specs = [
+        ("knockout", ["Image->Last", "Question->Last"]),  # keeps hidden states from the last position only
+        ("knockout", ["Image->Question"]),
+        ("knockout", list(mu.PATCH_FLOWS)),  # groups only the patch encoding has
+        ("lens", ()),
+    ]
+    alone = mu.Run.load(str(tiny_dirs["llava"]), cache_dir=str(tmp_path / "alone"))
+    expected = [
+        alone.knockout(examples, flows, window=3) if kind == "knockout" else alone.lens(examples)
+        for kind, flows in specs
+    ]
+    encodes, cleans = [], []
+    real_encode, real_clean = mmflow.runs.encode_example, mmflow.runs.clean_run_for
+    monkeypatch.setattr(mmflow.runs, "encode_example", lambda *a, **k: encodes.append(1) or real_encode(*a, **k))
+    monkeypatch.setattr(mmflow.runs, "clean_run_for", lambda *a, **k: cleans.append(a[3]) or real_clean(*a, **k))
+    together = run.analyses(examples, specs, window=3)
+    assert len(encodes) == 2 * len(examples)  # with and without patch groups
+    assert len(cleans) == 2  # one per kept example, kept from its first question token for all three knockouts
+    question = run.encode(examples[0]).groups["question"][0]
+    assert cleans == [question, question]
+    for (rows, status), (rows_alone, status_alone) in zip(together, expected):
+        assert rows.equals(rows_alone) and status.equals(status_alone)
+    ours, theirs = analysis_files(run.cache_dir), analysis_files(alone.cache_dir)
+    assert [p.relative_to(run.cache_dir) for p in ours] == [p.relative_to(alone.cache_dir) for p in theirs]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(ours, theirs)) and len(ours) == 4 * len(examples)
+    assert run._reuse is None  # nothing of the last example is held afterwards
+    with pytest.raises(mu.MmflowError, match="'knockout' or a 'lens', got 'patching'"):
+        run.analyses(examples, [("patching", ["Image->Last"])])

@@ -141,6 +141,25 @@ def test_run_parameters_are_checked_by_the_librarys_own_checkers(monkeypatch):
         check_run_params()
 
 
+def test_the_parameter_checks_load_no_torch_and_name_every_engine():
+    """Every make reproduce notebook process checks its parameters first (mmflow.execute): on the CPU that imports
+    neither torch nor pandas (seconds per process), and refuses a bad value all the same; the engine names the
+    checks accept are the engines there are."""
+    from mmflow.engines import ENGINES
+    from mmflow.params import ENGINE_NAMES
+
+    assert tuple(ENGINES) == ENGINE_NAMES
+    code = (
+        "import sys, mmflow.execute as ex; from mmflow.params import check_run_params as c\n"
+        "c('shapes-llava', 'cpu', 'float16', 'paper', 'all', '3', 'figures', 'results', 'naive')\n"
+        "for bad in ({'engine': 'turbo'}, {'dtype': 'float8'}, {'keep': 'some'}, {'inputs': 'bogus'}):\n"
+        "    try:\n        c(**bad)\n    except ex.MmflowError as err:\n        print(str(err).split('=')[0])\n"
+        "print(sorted(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["ENGINE", "DTYPE", "KEEP", "INPUTS", "[]"]
+
+
 def test_load_model_names_an_unavailable_device():
     """It ended in torch's 'AssertionError: Torch not compiled with CUDA enabled', naming no parameter."""
     import mmflow_utils as mu

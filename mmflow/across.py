@@ -65,15 +65,9 @@ def load_studies(models: Sequence[str], **params: Any) -> list[Study]:
 
 
 def analyse_all(studies: Sequence[Study]) -> dict[str, dict[str, pd.DataFrame]]:
-    """Every declared analysis (:data:`~mmflow.study.ANALYSES`) of every model: ``rows[model][figure]``. What a
-    model's cache lacks is first computed example by example (:meth:`~mmflow.runs.Run.analyses`: each example
-    encoded once and its clean run made once for all its knockouts; the same results), then each analysis is read
-    as notebooks 1-4 read it."""
-    rows = {}
-    for study in studies:
-        study.run.analyses(study.examples, list(ANALYSES.values()), study.k, study.engine, keep=study.keep)
-        rows[study.run.name] = {name: study.analyse(name) for name in ANALYSES}
-    return rows
+    """Every declared analysis (:data:`~mmflow.study.ANALYSES`) of every model: ``rows[model][figure]``, each as
+    notebooks 1-4 get it, what a model's cache lacks computed example by example (:meth:`Study.analyse_together`)."""
+    return {study.run.name: study.analyse_together(tuple(ANALYSES)) for study in studies}
 
 
 def accounting(studies: Sequence[Study]) -> pd.DataFrame:

@@ -331,7 +331,8 @@ class Run:
             return None
         held = reuse.clean
         if held is None or held[1].keep_from > needed or not _same_inputs(held[0], encoded.inputs):
-            keep_from = min(needed, first_target(reuse.flows, encoded) or needed)
+            keep_from = first_target(reuse.flows, encoded)  # never after needed: these flows are among them
+            keep_from = needed if keep_from is None else min(keep_from, needed)
             reuse.clean = (encoded.inputs, clean_run_for(self.model, encoded, engine, keep_from))
         return reuse.clean[1]
 

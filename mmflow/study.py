@@ -204,6 +204,13 @@ class Study:
         kind, flows = ANALYSES[name]
         return self.knockout(flows, name) if kind == "knockout" else self.lens(name)
 
+    def analyse_together(self, names: Sequence[str] = tuple(ANALYSES)) -> dict[str, pd.DataFrame]:
+        """The analyses of figures ``names`` (default: all of :data:`ANALYSES`) as :meth:`analyse` gives each, but
+        computed example by example (:meth:`~mmflow.runs.Run.analyses`: an example is encoded once and its clean run
+        made once for all its knockouts; the same rows and cache files)."""
+        found = self.run.analyses(self.examples, [ANALYSES[n] for n in names], self.k, self.engine, keep=self.keep)
+        return {name: self._account(rows, status, name) for name, (rows, status) in zip(names, found)}
+
     def lens(self, name: str) -> pd.DataFrame:
         """Logit-lens rows of the kept examples (cached); shows and saves the per-task table (see :meth:`knockout`)."""
         return self._account(*self.run.lens(self.examples, keep=self.keep), name)

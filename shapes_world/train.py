@@ -784,6 +784,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps or archs.arch(args.model).steps
     if args.p_no_system is None:
         args.p_no_system = archs.arch(args.model).p_no_system
+    if not 0 <= args.p_no_system <= 1:
+        parser.error(f"--p-no-system must be a fraction in [0, 1], got {args.p_no_system}")
     if args.p_no_system > 0 and not archs.arch(args.model).system_turn:
         parser.error(f"--p-no-system: {args.model}'s prompt has no system turn")
     args.state_dir = args.state_dir or str(STATE_DIR if args.model == "shapes-llava" else STATE_DIR / args.model)

@@ -102,6 +102,9 @@ def test_dropping_the_system_turn_draws_from_its_own_stream():
     assert train.parse_args(["--model", "shapes-llava"]).p_no_system == 0
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "shapes-llava", "--p-no-system", "0.5"])
+    for bad in ("1.5", "-0.1"):  # not a fraction: refused before anything is written
+        with pytest.raises(SystemExit):
+            train.parse_args(["--model", "shapes-qwen", "--p-no-system", bad])
 
 
 @pytest.mark.parametrize("name", ["shapes-llava", "shapes-qwen"])
